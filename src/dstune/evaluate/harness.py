@@ -1,0 +1,35 @@
+"""The evaluation stage: generate answers on a split and score them with registered metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data.templates import ChatTemplate
+from .generate import generate
+from .metrics import METRICS
+
+
+def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dict], metrics: list[str],
+                     batch_size: int = 32, max_new_tokens: int = 16, progress: str | None = None) -> dict:
+    """Score the model's answers to the last assistant turn of each record."""
+    prompts = [r["messages"][:-1] for r in records]
+    references = [r["messages"][-1]["content"] for r in records]
+    result = generate(model, tokenizer, template, prompts, batch_size, max_new_tokens, progress)
+    scores = {name: METRICS[name](result.texts, references) for name in metrics}
+    return {
+        "metrics": scores,
+        "samples": len(records),
+        "generated_tokens": result.new_tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_second": round(result.new_tokens / max(result.seconds, 1e-9), 2),
+        "predictions": [
+            {"id": r["id"], "expected": ref, "got": got} for r, ref, got in zip(records, references, result.texts)
+        ],
+    }
+
+
+def write_eval(result: dict, path: Path) -> None:
+    """Save an evaluation result as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False))

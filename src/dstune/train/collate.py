@@ -1,0 +1,30 @@
+"""Batching for causal-LM fine-tuning."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenize import IGNORE_INDEX
+
+
+class CausalCollator:
+    """Pads a batch on the left, so every answer ends at the last column and the LM head covers few positions.
+
+    Position ids are counted from each sample's first real token, so padding does not shift RoPE positions.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[row, width - n:] = torch.tensor(sample["input_ids"])
+            labels[row, width - n:] = torch.tensor(sample["labels"])
+            attention_mask[row, width - n:] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}

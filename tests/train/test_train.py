@@ -1,0 +1,64 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dstune import api
+from dstune.config import load_recipe
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "deepseek_v3"])
+def test_training_lowers_loss_and_saves_peft_adapter(tiny_recipe, model_type):
+    recipe = load_recipe(tiny_recipe(model_type, train={"max_steps": 30, "learning_rate": 2e-2}))
+    result = api.train(recipe)
+    losses = [e["loss"] for e in result.summary["log_history"] if "loss" in e]
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    adapter = result.adapter_dir
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and any(torch.count_nonzero(t) for k, t in saved.items() if "lora_B" in k)
+    summary = result.summary
+    assert 0 < summary["trainable_percent"] < 100
+    assert summary["tokens"] > summary["supervised_tokens"] > 0
+    assert summary["optimizer_steps"] == 30
+
+
+def test_cosine_schedule_warmup_and_clipping(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 10, "warmup_ratio": 0.2, "max_grad_norm": 1.0,
+                                            "learning_rate": 1e-2}))
+    result = api.train(recipe)
+    lrs = [e["learning_rate"] for e in result.summary["log_history"] if "learning_rate" in e]
+    # The logged LR is the one each step used: 2 warmup steps, the peak, then a cosine down towards 0.
+    assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])
+    assert lrs[3:] == pytest.approx([5e-3 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 8)])
+    assert result.trainer.args.max_grad_norm == 1.0
+
+
+def test_early_stopping_restores_best_checkpoint(tiny_recipe, monkeypatch):
+    """Dev exact match rises, then falls: training stops after `patience` bad evals and keeps the best weights."""
+    from dstune.train import trainer as trainer_module
+
+    scores = iter([0.1, 0.5, 0.2, 0.2, 0.2, 0.2])
+    snapshots = {}
+
+    def fake_eval(model, *args, **kwargs):
+        score = next(scores)
+        snapshots[score] = lora_state(model)
+        return {"metrics": {"exact_match": score}}
+
+    monkeypatch.setattr(trainer_module, "evaluate_records", fake_eval)
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 40, "eval_steps": 2, "early_stopping_patience": 2}))
+    result = api.train(recipe)
+    assert result.summary["optimizer_steps"] == 8  # evals at 2, 4 (best), 6, 8 -> stop after 2 without gain
+    assert result.summary["best_metric"] == {"exact_match": 0.5}
+    final = lora_state(result.model)
+    for name, tensor in snapshots[0.5].items():
+        assert torch.equal(final[name], tensor), name
+    assert not all(torch.equal(final[n], t) for n, t in snapshots[0.1].items())
