@@ -81,9 +81,9 @@ def jsonl_dataset(tmp_path) -> dict[str, Path]:
 def tiny_recipe(tmp_path, tiny_model_dirs, jsonl_dataset):
     """A recipe dict that trains a tiny Llama on the toy JSONL task in a few steps."""
 
-    def make(model_type: str = "llama", **sections) -> dict:
+    def make(model_type: str = "llama", name: str = "tiny", **sections) -> dict:
         recipe = {
-            "name": "tiny",
+            "name": name,
             "output_dir": str(tmp_path / "runs"),
             "model": {"name_or_path": str(tiny_model_dirs[model_type])},
             "data": {"source": "files", "train_file": str(jsonl_dataset["train"]),

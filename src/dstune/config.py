@@ -92,8 +92,8 @@ class TrainConfig(StrictModel):
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # Batches of similar lengths (HF's LengthGroupedSampler) waste less compute on padding.
-    group_by_length: bool = True
+    # Batches of similar lengths waste less compute on padding (see dstune.train.sampler).
+    group_by_length: bool = False
     # Generation-based evaluation on the dev split every eval_steps optimizer steps; 0 turns it off.
     eval_steps: int = 50
     early_stopping_patience: int = 3

@@ -22,13 +22,16 @@ from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..tuners.lora import add_lora
 from .collate import CausalCollator
 from .loss import supervised_lm_loss
+from .sampler import ShuffledLengthGroupedSampler
 
 
 class DstuneTrainer(Trainer):
     """HF Trainer with a supervised-positions loss and generation-based dev metrics for early stopping."""
 
     def __init__(self, *args, dev_records=None, template: ChatTemplate | None = None, eval_metrics=(),
-                 generation_batch_size: int = 32, max_new_tokens: int = 16, **kwargs):
+                 generation_batch_size: int = 32, max_new_tokens: int = 16, group_by_length: bool = False,
+                 **kwargs):
+        self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
         self.dev_records = dev_records or []
         self.template = template
@@ -37,6 +40,15 @@ class DstuneTrainer(Trainer):
         self.max_new_tokens = max_new_tokens
         self.tokens_seen = 0
         self.supervised_tokens_seen = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Shuffled length-grouped batches when the recipe asks for them (see ShuffledLengthGroupedSampler)."""
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # Under DDP, accelerate deals these per-device batches out to the ranks in turn.
+        return ShuffledLengthGroupedSampler([len(s["input_ids"]) for s in dataset],
+                                            self.args.per_device_train_batch_size, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level cross-entropy normalised by the supervised tokens of the whole accumulated batch."""
@@ -103,7 +115,6 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool) -> Train
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",
@@ -155,6 +166,7 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         data_collator=CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
         dev_records=dev_records, template=template, eval_metrics=[recipe.train.metric],
         generation_batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+        group_by_length=recipe.train.group_by_length,
     )
 
     # --- loop ---
