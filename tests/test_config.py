@@ -86,3 +86,10 @@ def test_every_command_has_help(command):
     assert proc.returncode == 0
     assert "usage: dstune" in proc.stdout
     assert len(proc.stdout.splitlines()) > 5
+
+
+def test_debug_flag_shows_traceback_after_subcommand(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dstune", "train", str(tmp_path / "nope.yaml"), "--debug"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "recipe file not found" in proc.stderr.splitlines()[-1]

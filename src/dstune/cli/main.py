@@ -18,6 +18,8 @@ EPILOG = """examples:
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps `dstune --debug train ...` working as well as `dstune train ... --debug`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override recipe values, e.g. train.learning_rate=1e-3 model.name_or_path=./my-model")

@@ -10,6 +10,17 @@ import torch
 import transformers
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what platform knows."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_summary: dict | None,
                  artifacts: dict) -> dict:
     """Base vs tuned metrics, training cost and artifact paths in one dictionary."""
@@ -30,7 +41,7 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         "schema": "dstune.report/1",
         "recipe": recipe_name,
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
