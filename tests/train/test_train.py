@@ -62,3 +62,11 @@ def test_early_stopping_restores_best_checkpoint(tiny_recipe, monkeypatch):
     for name, tensor in snapshots[0.5].items():
         assert torch.equal(final[name], tensor), name
     assert not all(torch.equal(final[n], t) for n, t in snapshots[0.1].items())
+
+
+def test_same_seed_same_adapter(tiny_recipe):
+    runs = [api.train(load_recipe(tiny_recipe(name=f"seeded{i}", train={"max_steps": 3}))) for i in range(2)]
+    first, second = (lora_state(r.model) for r in runs)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from ..config import Recipe
@@ -151,6 +151,7 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
     train_set = encode_records(train_records, tokenizer, template, recipe.data.max_length)
     dev_set = encode_records(dev_records, tokenizer, template, recipe.data.max_length)
     model = load_model(model_path, recipe.model.dtype, recipe.model.trust_remote_code)
+    set_seed(recipe.train.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
     model = add_lora(model, recipe.train.lora)
     trainable, total = model.get_nb_trainable_parameters()
     run_dir = recipe.run_dir
