@@ -107,7 +107,8 @@ def dispatch(args) -> int:
         print(f"dstune: dataset written to {out}")
     elif args.command == "train":
         result = api.train(args.recipe, args.overrides)
-        print(f"dstune: adapter saved to {result.adapter_dir}")
+        if result.trainer.is_world_process_zero():  # under torchrun only rank 0 saves
+            print(f"dstune: adapter saved to {result.adapter_dir}")
     elif args.command == "eval":
         result = api.evaluate(args.recipe, args.overrides, model=args.model, adapter=args.adapter, tag=args.tag)
         for name, value in result["metrics"].items():
