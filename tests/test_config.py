@@ -29,8 +29,15 @@ def test_wrong_type_names_key():
 
 
 def test_unknown_registry_value_suggests():
-    with pytest.raises(InputError, match=r"eval.metrics.*did you mean 'exact_match'"):
+    with pytest.raises(InputError) as err:
         load_recipe({"name": "x", "eval": {"metrics": ["exact_mach"]}})
+    assert str(err.value).startswith("recipe: unknown value 'exact_mach' for eval.metrics (did you mean 'exact_match'?)")
+
+
+@pytest.mark.parametrize("name", ["", "../elsewhere", "a/b"])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(InputError, match="recipe: name: String should match pattern"):
+        load_recipe({"name": name})
 
 
 def test_overrides_keep_types_and_nest():

@@ -83,16 +83,25 @@ def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None
     return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"))
 
 
+def chat_session(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
+                 adapter: str | Path | None = None, max_new_tokens: int = 128):
+    """Load once, then answer prompts greedily with the recipe's template and system prompt."""
+    recipe = _recipe(recipe, overrides)
+    loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
+    template = get_template(recipe.model.template, tokenizer)
+    system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
+
+    def answer(prompt: str) -> str:
+        conversation = system + [{"role": "user", "content": prompt}]
+        return generate(loaded, tokenizer, template, [conversation], 1, max_new_tokens).texts[0]
+
+    return answer
+
+
 def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | Path | None = None,
          adapter: str | Path | None = None, max_new_tokens: int = 128) -> str:
     """One greedy answer to a user prompt (with the recipe's system prompt)."""
-    recipe = _recipe(recipe, overrides)
-    loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
-    messages = [{"role": "user", "content": prompt}]
-    if recipe.data.system_prompt:
-        messages.insert(0, {"role": "system", "content": recipe.data.system_prompt})
-    template = get_template(recipe.model.template, tokenizer)
-    return generate(loaded, tokenizer, template, [messages], 1, max_new_tokens).texts[0]
+    return chat_session(recipe, overrides, model, adapter, max_new_tokens)(prompt)
 
 
 def run(recipe, overrides: list[str] | None = None) -> dict:

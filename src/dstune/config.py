@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 
@@ -127,7 +127,8 @@ class EvalConfig(StrictModel):
 class Recipe(StrictModel):
     """A whole recipe: the stage configs side by side."""
 
-    name: str
+    # The run folder's name under output_dir.
+    name: str = Field(pattern=r"^[\w][\w.-]*$")
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -180,7 +181,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line naming the key path, with the closest valid key for unknown keys."""
     first = error.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
-    key = ".".join(loc) or "(top level)"
+    key = ".".join(loc)
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         section = _section_at(loc[:-1])
@@ -189,6 +190,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     if first["type"] == "missing":
         return f"{source}: missing required key '{key}'{more}"
     message = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a whole-recipe check; its message names the key itself
+        return f"{source}: {message}{more}"
     got = first.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict) and first["type"] != "value_error" else ""
     return f"{source}: {key}: {message}{shown}{more}"

@@ -84,16 +84,10 @@ def _prompts(text: str | None):
 
 def _chat_loop(args) -> None:
     from .. import api
-    from ..data.templates import get_template
-    from ..evaluate.generate import generate
 
-    recipe = api.load_recipe(args.recipe, args.overrides)
-    model, tokenizer = api.load(recipe, args.model, {"default": args.adapter} if args.adapter else None)
-    template = get_template(recipe.model.template, tokenizer)
-    system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
+    answer = api.chat_session(args.recipe, args.overrides, args.model, args.adapter, args.max_new_tokens)
     for prompt in _prompts(args.prompt):
-        conversation = system + [{"role": "user", "content": prompt}]
-        print(generate(model, tokenizer, template, [conversation], 1, args.max_new_tokens).texts[0], flush=True)
+        print(answer(prompt), flush=True)
 
 
 def dispatch(args) -> int:
