@@ -57,3 +57,14 @@ def test_data_file_error_is_one_line_exit_2(tiny_recipe, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dstune", "data", str(recipe_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dstune: error: {bad}:2: missing field 'output'"
+
+
+def test_throughput_excludes_dev_evaluation(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 4, "eval_steps": 2}))
+    summary = api.train(recipe).summary
+    evals = [e["eval_runtime"] for e in summary["log_history"] if "eval_runtime" in e]
+    assert len(evals) == 2 and summary["dev_eval_seconds"] == round(sum(evals), 2)
+    step_seconds = summary["train_seconds"] - summary["dev_eval_seconds"]
+    expected = summary["tokens"] / step_seconds
+    rounding = expected * 0.01 / step_seconds + 0.01  # both times are rounded to 0.01 s
+    assert abs(summary["tokens_per_second"] - expected) <= rounding

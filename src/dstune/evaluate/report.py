@@ -34,7 +34,7 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
     training = None
     if train_summary:
         keys = ("trainable_parameters", "total_parameters", "trainable_percent", "learning_rate", "optimizer_steps",
-                "epochs", "train_seconds", "tokens", "supervised_tokens", "tokens_per_second",
+                "epochs", "train_seconds", "dev_eval_seconds", "tokens", "supervised_tokens", "tokens_per_second",
                 "supervised_tokens_per_second", "best_metric", "train_loss")
         training = {k: train_summary.get(k) for k in keys}
     return {
@@ -84,9 +84,9 @@ def write_report(report: dict, run_dir: Path) -> Path:
             f"- trainable parameters: {t['trainable_parameters']:,} of {t['total_parameters']:,} "
             f"({t['trainable_percent']:.3f}%)",
             f"- optimizer steps: {t['optimizer_steps']} ({t['epochs']} epochs), learning rate {t['learning_rate']:g}",
-            f"- training time: {t['train_seconds']:.1f} s",
-            f"- throughput: {t['tokens_per_second']:.1f} tokens/s ({t['supervised_tokens_per_second']:.1f} "
-            "supervised tokens/s)",
+            f"- training time: {t['train_seconds']:.1f} s, of which {t['dev_eval_seconds']:.1f} s dev evaluation",
+            f"- throughput (dev evaluation excluded): {t['tokens_per_second']:.1f} tokens/s "
+            f"({t['supervised_tokens_per_second']:.1f} supervised tokens/s)",
             f"- best dev metric: {t['best_metric']}",
             "",
         ]
