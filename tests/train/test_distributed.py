@@ -17,7 +17,7 @@ def test_two_cpu_processes_hold_identical_adapters(tiny_recipe, tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(worker), str(recipe_path), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
