@@ -156,15 +156,14 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
     trainable, total = model.get_nb_trainable_parameters()
     run_dir = recipe.run_dir
     args = training_arguments(recipe, run_dir / "checkpoints", bool(dev_set))
-    if args.process_index == 0:
-        # Checkpoints of an earlier run would mix with this run's rotation; there is no resume yet.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     callbacks = []
     if args.load_best_model_at_end and recipe.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
     if args.process_index == 0:
         from torch.utils.tensorboard import SummaryWriter
 
+        # Checkpoints of an earlier run would mix with this run's rotation; there is no resume yet.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tb"))))
     trainer = DstuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set or None,
