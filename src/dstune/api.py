@@ -16,7 +16,7 @@ from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
 from .train.trainer import TrainResult
 from .train.trainer import train as train_stage
-from .tuners.lora import load_adapters
+from .tuners.methods import is_mergeable, load_adapters
 
 
 def _recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None = None) -> Recipe:
@@ -25,11 +25,16 @@ def _recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None = No
     return load_recipe(recipe, overrides)
 
 
-def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None):
-    """The model (base, or a merged/other directory), with named adapters loaded, and its tokenizer."""
+def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None,
+         full_precision: bool = False):
+    """The model (base, or a merged/other directory), with named adapters loaded, and its tokenizer.
+
+    A QLoRA recipe loads its base in 4-bit, as it was trained, unless `full_precision` (for merging).
+    """
     path = resolve_model_path(str(model) if model else recipe.model.name_or_path)
     tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
-    loaded = load_model(path, recipe.model.dtype, recipe.model.trust_remote_code)
+    in_4bit = recipe.model.load_in_4bit and not full_precision
+    loaded = load_model(path, recipe.model.dtype, recipe.model.trust_remote_code, in_4bit)
     if adapters:
         loaded = load_adapters(loaded, adapters)
     return loaded, tokenizer
@@ -79,7 +84,10 @@ def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None
     """Merge the recipe's trained adapter (or a given one) into the base and save a HF directory."""
     recipe = _recipe(recipe, overrides)
     adapter = Path(adapter or recipe.run_dir / "adapter")
-    loaded, tokenizer = load(recipe, adapters={"default": adapter})
+    loaded, tokenizer = load(recipe, adapters={"default": adapter}, full_precision=True)
+    if not is_mergeable(loaded):
+        raise InputError(f"{adapter}: {loaded.active_peft_config.peft_type.value.lower()} adapters cannot be merged "
+                         "into the base weights; serve the base with the adapter instead")
     return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"))
 
 
@@ -105,7 +113,7 @@ def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | P
 
 
 def run(recipe, overrides: list[str] | None = None) -> dict:
-    """The main job: data, base eval, LoRA training, tuned eval, merge and report."""
+    """The main job: data, base eval, PEFT training, tuned eval, merge (where the method allows) and report."""
     recipe = _recipe(recipe, overrides)
     run_dir = recipe.run_dir
     print(f"dstune: [1/6] building the dataset into {run_dir / 'data'}", flush=True)
@@ -118,17 +126,24 @@ def run(recipe, overrides: list[str] | None = None) -> dict:
     base = _eval_on_test(recipe, base_model, tokenizer, "base")
     del base_model
 
-    print("dstune: [3/6] LoRA fine-tuning", flush=True)
+    print(f"dstune: [3/6] fine-tuning with {recipe.train.method}", flush=True)
     trained = train_stage(recipe, data_dir)
 
     print("dstune: [4/6] evaluating the tuned model", flush=True)
     tuned = _eval_on_test(recipe, trained.model, tokenizer, "tuned")
 
-    print("dstune: [5/6] merging the adapter into the base", flush=True)
-    merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
+    merged_dir = None
+    if not is_mergeable(trained.model):
+        print(f"dstune: [5/6] no merge: {recipe.train.method} adapters do not fold into the base weights", flush=True)
+    elif recipe.model.load_in_4bit:
+        print("dstune: [5/6] merging the adapter into the full-precision base (not the 4-bit one)", flush=True)
+        merged_dir = merge(recipe, adapter=trained.adapter_dir)
+    else:
+        print("dstune: [5/6] merging the adapter into the base", flush=True)
+        merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
 
     print("dstune: [6/6] writing the report", flush=True)
-    artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir),
+    artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
                  "tensorboard": str(run_dir / "tb")}
     report = build_report(recipe.name, base, tuned, trained.summary, artifacts)
     report_path = write_report(report, run_dir)

@@ -27,6 +27,8 @@ class ModelConfig(StrictModel):
     template: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # QLoRA: keep the frozen base in 4-bit NF4 through bitsandbytes (its CPU backend, or CUDA).
+    load_in_4bit: bool = False
 
 
 class ICD10Config(StrictModel):
@@ -73,13 +75,78 @@ class LoraConfigSection(StrictModel):
     targets: list[str] | Literal["auto", "all-linear"] = "auto"
     # DeepSeek-V3/MoE: also adapt the fused routed experts through peft `target_parameters`.
     routed_experts: bool = False
+    # rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, which keeps large ranks learning.
+    use_rslora: bool = False
+
+
+class PrefixConfigSection(StrictModel):
+    """peft Prefix-Tuning options, and the multi-task shared prefix."""
+
+    # Virtual key/value positions per layer (per task, when `tasks` is set).
+    num_virtual_tokens: int = Field(16, ge=1)
+    # activations: start from the base model's own keys and values of real text (the training prompts), so
+    # training starts at the base model's loss; random: peft's N(0, 1) init, which starts far above it.
+    init: Literal["activations", "random"] = "activations"
+    # Reparameterise the prefix through an MLP while training (Li & Liang); saved as plain prefixes.
+    projection: bool = False
+    projection_hidden: int = Field(512, ge=1)
+    # Multi-task: a prefix of `shared_tokens` shared by all tasks, followed by each task's own prefix.
+    tasks: list[str] = []
+    shared_tokens: int = Field(16, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("task names must be unique")
+        return value
+
+
+class StagesSection(StrictModel):
+    """Staged activation of bottleneck adapters: layer groups switch on one after another."""
+
+    # When each group switches on, in `unit`s; the first group is on from its start value.
+    starts: list[int] = Field(min_length=1)
+    unit: Literal["steps", "epochs"] = "steps"
+    # top_down: the group of the top layers comes first (the seed's progressive fine-tuning).
+    order: Literal["top_down", "bottom_up"] = "top_down"
+
+    @field_validator("starts")
+    @classmethod
+    def _ascending(cls, value: list[int]) -> list[int]:
+        if any(a > b for a, b in zip(value, value[1:])) or value[0] < 0:
+            raise ValueError("must be non-negative and ascending, one start per stage")
+        return value
+
+
+class AdapterConfigSection(StrictModel):
+    """Bottleneck adapter options (dstune's own peft method)."""
+
+    # Bottleneck width r: each adapter is d -> r -> d with a residual.
+    r: int = Field(64, ge=1)
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    # houlsby: after attention and after the MLP; pfeiffer: after the MLP only.
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    dropout: float = 0.0
+    stages: StagesSection | None = None
+
+
+class IA3ConfigSection(StrictModel):
+    """peft IA3 options."""
+
+    # "auto": keys, values and the MLP down-projection (inputs scaled) of the architecture's preset.
+    targets: list[str] | Literal["auto"] = "auto"
 
 
 class TrainConfig(StrictModel):
     """Fine-tuning schedule and early stopping."""
 
-    method: Literal["lora"] = "lora"
+    # lora, dora (LoRA with weight decomposition), prefix, adapter (bottleneck) or ia3.
+    method: Literal["lora", "dora", "prefix", "adapter", "ia3"] = "lora"
     lora: LoraConfigSection = LoraConfigSection()
+    prefix: PrefixConfigSection = PrefixConfigSection()
+    adapter: AdapterConfigSection = AdapterConfigSection()
+    ia3: IA3ConfigSection = IA3ConfigSection()
     learning_rate: float | None = None
     # If learning_rate is not set it is lr_fraction x pretrain_learning_rate (the 1/10 rule by default).
     pretrain_learning_rate: float | None = None

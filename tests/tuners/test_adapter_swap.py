@@ -4,7 +4,7 @@ import torch
 
 from dstune import api
 from dstune.config import load_recipe
-from dstune.tuners.lora import switch_adapter
+from dstune.tuners.methods import switch_adapter
 
 
 def write_task(path, answer_of):

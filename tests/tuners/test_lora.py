@@ -4,7 +4,8 @@ from transformers import AutoModelForCausalLM
 
 from dstune.config import LoraConfigSection
 from dstune.errors import InputError
-from dstune.tuners.lora import add_lora, load_adapters, switch_adapter
+from dstune.tuners.lora import add_lora
+from dstune.tuners.methods import load_adapters, switch_adapter
 
 from tiny import tiny_config
 

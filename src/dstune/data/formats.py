@@ -96,4 +96,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, list[dict], dict]]:
                 raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
             except ValueError as exc:
                 raise InputError(f"{where}: {exc}") from None
-            yield str(record.get("id", where)), messages, record.get("meta") or {}
+            meta = dict(record.get("meta") or {})
+            if "task" in record:  # multi-task data: the task name picks e.g. the task prefix
+                meta["task"] = str(record["task"])
+            yield str(record.get("id", where)), messages, meta

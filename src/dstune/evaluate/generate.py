@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -31,8 +32,8 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]], batch_size: int = 32,
-             max_new_tokens: int = 64, progress: str | None = None) -> Generations:
-    """Greedy answers to each conversation's next assistant turn."""
+             max_new_tokens: int = 64, progress: str | None = None, tasks: list[str] | None = None) -> Generations:
+    """Greedy answers to each conversation's next assistant turn (`tasks`: each one's task, for task prefixes)."""
     was_training = model.training
     model.eval()
     prompts = [template.prompt_text(c) for c in conversations]
@@ -49,10 +50,11 @@ def generate(model, tokenizer, template: ChatTemplate, conversations: list[list[
             index = order[first:first + batch_size]
             batch = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            with model.for_task([tasks[i] for i in index]) if tasks else contextlib.nullcontext():
+                output = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             answers = output[:, batch["input_ids"].shape[1]:]
             for i, row in zip(index, answers):
                 keep = []

@@ -6,8 +6,20 @@ import json
 from pathlib import Path
 
 from ..data.templates import ChatTemplate
+from ..errors import InputError
 from .generate import generate
 from .metrics import METRICS
+
+
+def record_tasks(records: list[dict]) -> list[str]:
+    """The task of each record (from `meta.task`); multi-task models need one for every sample."""
+    tasks = []
+    for record in records:
+        task = (record.get("meta") or {}).get("task")
+        if task is None:
+            raise InputError(f"sample {record['id']}: no task; multi-task prefixes need a \"task\" in every record")
+        tasks.append(task)
+    return tasks
 
 
 def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dict], metrics: list[str],
@@ -15,7 +27,8 @@ def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dic
     """Score the model's answers to the last assistant turn of each record."""
     prompts = [r["messages"][:-1] for r in records]
     references = [r["messages"][-1]["content"] for r in records]
-    result = generate(model, tokenizer, template, prompts, batch_size, max_new_tokens, progress)
+    tasks = record_tasks(records) if getattr(model, "prefix_tasks", None) else None
+    result = generate(model, tokenizer, template, prompts, batch_size, max_new_tokens, progress, tasks)
     scores = {name: METRICS[name](result.texts, references) for name in metrics}
     return {
         "metrics": scores,

@@ -33,7 +33,7 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         comparison[name] = {"base": before, "tuned": after, "delta": delta}
     training = None
     if train_summary:
-        keys = ("trainable_parameters", "total_parameters", "trainable_percent", "learning_rate", "optimizer_steps",
+        keys = ("method", "trainable_parameters", "total_parameters", "trainable_percent", "learning_rate", "optimizer_steps",
                 "epochs", "train_seconds", "dev_eval_seconds", "tokens", "supervised_tokens", "tokens_per_second",
                 "supervised_tokens_per_second", "best_metric", "train_loss")
         training = {k: train_summary.get(k) for k in keys}
@@ -91,7 +91,7 @@ def write_report(report: dict, run_dir: Path) -> Path:
             "",
         ]
     m = report["machine"]
-    parts += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["artifacts"].items()]
+    parts += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["artifacts"].items() if v]
     parts += ["", f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
               f"transformers {m['transformers']}.", ""]
     path = run_dir / "report.md"

@@ -127,10 +127,31 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """A causal LM from a resolved directory, safetensors only."""
+def bitsandbytes_problem() -> str | None:
+    """Why a 4-bit (QLoRA) base cannot load here, or None when bitsandbytes can run."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed (pip install 'dstune[qlora]')"
+    except Exception as exc:  # a broken native library raises all sorts of errors at import
+        return f"bitsandbytes does not load here ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return None
+
+
+def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, load_in_4bit: bool = False):
+    """A causal LM from a resolved directory, safetensors only; `load_in_4bit` gives a frozen NF4 base (QLoRA)."""
     from transformers import AutoModelForCausalLM
 
+    quantization = None
+    if load_in_4bit:
+        problem = bitsandbytes_problem()
+        if problem:
+            raise InputError(f"model.load_in_4bit: {problem}")
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_use_double_quant=True)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+        quantization_config=quantization,
     )

@@ -27,4 +27,8 @@ class CausalCollator:
             labels[row, width - n:] = torch.tensor(sample["labels"])
             attention_mask[row, width - n:] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                 "labels": labels}
+        if "task" in samples[0]:  # multi-task models pick each row's task prefix
+            batch["task"] = [s["task"] for s in samples]
+        return batch

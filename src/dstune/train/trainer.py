@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from ..config import Recipe
@@ -18,9 +18,10 @@ from ..data.build import load_split
 from ..data.templates import ChatTemplate, get_template
 from ..data.tokenize import audit_labels, encode_conversation
 from ..errors import InputError
-from ..evaluate.harness import evaluate_records
+from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from ..tuners.lora import add_lora
+from ..tuners.methods import add_method
+from ..tuners.staging import StagedActivationCallback
 from .collate import CausalCollator
 from .loss import supervised_lm_loss
 from .sampler import ShuffledLengthGroupedSampler
@@ -83,6 +84,20 @@ class DstuneTrainer(Trainer):
         return output
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (dev evaluations fall between steps and are not counted)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
 @dataclass
 class TrainResult:
     """What the train stage produced."""
@@ -93,11 +108,15 @@ class TrainResult:
     trainer: DstuneTrainer
 
 
-def encode_records(records, tokenizer, template, max_length):
-    """Encoded samples (input_ids and labels) of a split, after the label-mask audit."""
+def encode_records(records, tokenizer, template, max_length, with_tasks: bool = False):
+    """Encoded samples (input_ids and labels, and the task when asked) of a split, after the label-mask audit."""
     samples = [encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length) for r in records]
     audit_labels(samples, tokenizer, template, max_length)
-    return [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+    encoded = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+    if with_tasks:
+        for sample, task in zip(encoded, record_tasks(records)):
+            sample["task"] = task
+    return encoded
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool) -> TrainingArguments:
@@ -137,7 +156,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool) -> Train
 
 
 def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
-    """Fine-tune the recipe's model with LoRA on its dataset folder; save the adapter and a summary."""
+    """Fine-tune the recipe's model with its PEFT method on its dataset folder; save the adapter and a summary."""
     # --- setup ---
     data_dir = Path(data_dir or recipe.run_dir / "data")
     train_records, dev_records = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -148,17 +167,29 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
     model_path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     template = get_template(recipe.model.template, tokenizer)
-    train_set = encode_records(train_records, tokenizer, template, recipe.data.max_length)
-    dev_set = encode_records(dev_records, tokenizer, template, recipe.data.max_length)
-    model = load_model(model_path, recipe.model.dtype, recipe.model.trust_remote_code)
-    set_seed(recipe.train.seed)  # LoRA's A matrices are drawn here, before the Trainer seeds anything
-    model = add_lora(model, recipe.train.lora)
+    with_tasks = recipe.train.method == "prefix" and bool(recipe.train.prefix.tasks)
+    train_set = encode_records(train_records, tokenizer, template, recipe.data.max_length, with_tasks)
+    dev_set = encode_records(dev_records, tokenizer, template, recipe.data.max_length, with_tasks)
+    model = load_model(model_path, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.load_in_4bit)
+    if recipe.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    set_seed(recipe.train.seed)  # adapter weights are drawn here, before the Trainer seeds anything
+    model = add_method(model, recipe.train)
+    if recipe.train.method == "prefix" and recipe.train.prefix.init == "activations":
+        # The keys and values of real training prompts, concatenated until every virtual token has one.
+        text = [t for s in train_set[:64] for t in s["input_ids"]]
+        model.init_from_activations(torch.tensor(text[:4 * recipe.data.max_length]))
     trainable, total = model.get_nb_trainable_parameters()
     run_dir = recipe.run_dir
     args = training_arguments(recipe, run_dir / "checkpoints", bool(dev_set))
-    callbacks = []
+    timer = StepTimer()
+    callbacks = [timer]
     if args.load_best_model_at_end and recipe.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
+    if recipe.train.method == "adapter" and recipe.train.adapter.stages:
+        callbacks.append(StagedActivationCallback(model, recipe.train.adapter.stages))
     if args.process_index == 0:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -200,6 +231,7 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         "supervised_tokens": trainer.supervised_tokens_seen,
         "tokens_per_second": round(trainer.tokens_seen / step_seconds, 2),
         "supervised_tokens_per_second": round(trainer.supervised_tokens_seen / step_seconds, 2),
+        "step_seconds": [round(t, 4) for t in timer.seconds],
         "best_metric": {recipe.train.metric: trainer.state.best_metric} if args.load_best_model_at_end else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "log_history": [_finite(entry) for entry in trainer.state.log_history],

@@ -1,9 +1,8 @@
-"""LoRA through peft: build, load, switch and merge adapters."""
+"""LoRA and DoRA through peft: configs with per-architecture targets."""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from ..config import LoraConfigSection
 from ..errors import InputError
@@ -31,7 +30,7 @@ def keep_moe_targets():
         conversion._MOE_FUSED_TARGETS.update(saved)
 
 
-def build_lora_config(model, options: LoraConfigSection):
+def build_lora_config(model, options: LoraConfigSection, use_dora: bool = False):
     """A peft LoraConfig for this model, with targets from the architecture preset when `auto`."""
     from peft import LoraConfig, TaskType
 
@@ -43,6 +42,9 @@ def build_lora_config(model, options: LoraConfigSection):
         if options.routed_experts:
             if not (preset and preset.expert_parameters):
                 raise InputError(f"train.lora.routed_experts: architecture {model_type!r} has no fused routed experts")
+            if use_dora:
+                raise InputError("train.method: DoRA cannot adapt fused routed experts; "
+                                 "set train.lora.routed_experts=false or use lora")
             if options.dropout:
                 raise InputError("train.lora.dropout: must be 0 with train.lora.routed_experts "
                                  "(peft's wrapper for fused expert parameters has no dropout)")
@@ -56,53 +58,18 @@ def build_lora_config(model, options: LoraConfigSection):
         lora_dropout=options.dropout,
         target_modules=targets,
         target_parameters=target_parameters,
+        use_dora=use_dora,
+        use_rslora=options.use_rslora,
     )
 
 
-def add_lora(model, options: LoraConfigSection, adapter_name: str = "default"):
-    """Wrap a base model with a fresh, trainable LoRA adapter (B = 0, so outputs start equal to the base)."""
+def add_lora(model, options: LoraConfigSection, adapter_name: str = "default", use_dora: bool = False):
+    """Wrap a base model with a fresh, trainable LoRA (or DoRA) adapter; B = 0, so outputs start equal to the base."""
     from peft import get_peft_model
 
     with keep_moe_targets():
         try:
-            return get_peft_model(model, build_lora_config(model, options), adapter_name=adapter_name)
+            config = build_lora_config(model, options, use_dora)
+            return get_peft_model(model, config, adapter_name=adapter_name)
         except ValueError as exc:
             raise InputError(f"train.lora.targets: {str(exc).splitlines()[0]}") from None
-
-
-def check_adapter_dir(path: Path) -> None:
-    """Refuse adapter folders without safetensors weights (pickle files can run code)."""
-    if not (path / "adapter_config.json").is_file():
-        raise InputError(f"{path}: not a peft adapter folder (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth"}]
-        hint = f"; found {pickles[0]}, a pickle file dstune does not load" if pickles else ""
-        raise InputError(f"{path}: no adapter_model.safetensors{hint}")
-
-
-def load_adapters(model, adapters: dict[str, str | Path], is_trainable: bool = False):
-    """Load one or more named peft adapters onto a base model; the first one is active."""
-    from peft import PeftModel
-
-    peft_model = None
-    with keep_moe_targets():
-        for name, path in adapters.items():
-            path = Path(path)
-            check_adapter_dir(path)
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(
-                    model, path, adapter_name=name, is_trainable=is_trainable
-                )
-            else:
-                peft_model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
-    if peft_model is None:
-        raise InputError("no adapter given")
-    peft_model.set_adapter(next(iter(adapters)))
-    return peft_model
-
-
-def switch_adapter(peft_model, name: str) -> None:
-    """Make the named adapter the active one."""
-    if name not in peft_model.peft_config:
-        raise InputError(f"adapter {name!r} is not loaded; loaded: {sorted(peft_model.peft_config)}")
-    peft_model.set_adapter(name)

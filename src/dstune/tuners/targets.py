@@ -12,9 +12,15 @@ class TargetPreset:
     modules: list[str]
     # Fused 3-D expert weights, reachable only through peft `target_parameters`.
     expert_parameters: list[str] = field(default_factory=list)
+    # IA3 rescales these outputs (and, for the feed-forward ones, inputs) with learned vectors.
+    ia3_modules: list[str] = field(default_factory=list)
+    ia3_feedforward: list[str] = field(default_factory=list)
 
 
-_DENSE = TargetPreset(modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+_DENSE = TargetPreset(
+    modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ia3_modules=["k_proj", "v_proj", "down_proj"], ia3_feedforward=["down_proj"],
+)
 
 _MLA_MOE = TargetPreset(
     # MLA projections (q_proj appears instead of q_a/q_b when q_lora_rank is None), then the dense MLPs of the
@@ -24,6 +30,8 @@ _MLA_MOE = TargetPreset(
         "gate_proj", "up_proj", "down_proj",
     ],
     expert_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    # kv_b_proj expands the latent into per-head keys and values: IA3's k/v scaling lands there.
+    ia3_modules=["kv_b_proj", "down_proj"], ia3_feedforward=["down_proj"],
 )
 
 TARGET_PRESETS: dict[str, TargetPreset] = {
