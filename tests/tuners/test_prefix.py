@@ -144,3 +144,36 @@ def test_multitask_prefix_recipe_trains_and_evaluates_each_task(tiny_recipe, tmp
     assert json.loads((result.adapter_dir / "dstune_prefix.json").read_text())["tasks"] == ["colours", "numbers"]
     scores = api.evaluate(recipe, adapter=result.adapter_dir)
     assert scores["samples"] == 8
+
+
+def test_multitask_prefix_early_stopping_restores_every_prefix_of_the_best_checkpoint(tiny_recipe, tmp_path,
+                                                                                       monkeypatch):
+    import json
+
+    from dstune import api
+    from dstune.config import load_recipe
+    from dstune.train import trainer as trainer_module
+
+    scores, snapshots = iter([0.1, 0.5, 0.2, 0.2]), {}
+
+    def fake_eval(model, *args, **kwargs):
+        score = next(scores)
+        snapshots[score] = {n: model._adapter_key_values(n).detach().clone() for n in (SHARED, "a", "b")}
+        return {"metrics": {"exact_match": score}}
+
+    monkeypatch.setattr(trainer_module, "evaluate_records", fake_eval)
+    rows = [{"instruction": f"q{i}", "output": "yes", "task": "ab"[i % 2]} for i in range(8)]
+    data = tmp_path / "ab.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(tiny_recipe(
+        data={"train_file": str(data), "dev_file": str(data), "test_file": None},
+        train={"method": "prefix", "max_steps": 40, "learning_rate": 1e-1, "eval_steps": 2,
+               "early_stopping_patience": 2,
+               "prefix": {"num_virtual_tokens": 2, "shared_tokens": 2, "tasks": ["a", "b"]}},
+    ))
+    result = api.train(recipe)
+    assert result.summary["optimizer_steps"] == 8 and result.summary["best_metric"] == {"exact_match": 0.5}
+    for name in (SHARED, "a", "b"):
+        final = result.model._adapter_key_values(name)
+        assert torch.allclose(final, snapshots[0.5][name]), name
+        assert not torch.allclose(final, snapshots[0.2][name]), name

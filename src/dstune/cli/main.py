@@ -12,6 +12,8 @@ from ..errors import DstuneError
 EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml
   dstune train recipes/icd10_lora.yaml train.learning_rate=1e-3 train.epochs=1
+  dstune run recipes/icd10_lora.yaml name=icd10_adapter train.method=adapter   # lora|dora|prefix|adapter|ia3
+  dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
 """

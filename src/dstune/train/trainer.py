@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..tuners.methods import add_method
+from ..tuners.prefix import SHARED
 from ..tuners.staging import StagedActivationCallback
 from .collate import CausalCollator
 from .loss import supervised_lm_loss
@@ -51,6 +52,18 @@ class DstuneTrainer(Trainer):
         # Under DDP, accelerate deals these per-device batches out to the ranks in turn.
         return ShuffledLengthGroupedSampler([len(s["input_ids"]) for s in dataset],
                                             self.args.per_device_train_batch_size, self.args.seed)
+
+    def _load_best_model(self):
+        """The Trainer restores one adapter from the checkpoint root; a multi-task prefix has one per sub-folder."""
+        tasks = getattr(self.model, "prefix_tasks", None)
+        if not tasks:
+            return super()._load_best_model()
+        best = Path(self.state.best_model_checkpoint)
+        for name in [SHARED, *tasks]:
+            # Not trainable: peft then reads the saved prefixes as they are, without the projection MLP.
+            self.model.load_adapter(best / name, adapter_name=name, is_trainable=False)
+        self.model.set_adapter(SHARED)
+        self.model.set_prefix_tasks(tasks)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level cross-entropy normalised by the supervised tokens of the whole accumulated batch."""

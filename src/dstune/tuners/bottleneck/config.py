@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 
 from .peft_type import BOTTLENECK
 
+ACTIVATIONS = ("relu", "gelu", "silu")
+
 
 @dataclass
 class BottleneckConfig(PeftConfig):
@@ -37,8 +39,6 @@ class BottleneckConfig(PeftConfig):
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
 
-
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 
 def parameters_per_adapter(hidden_size: int, r: int) -> int:
