@@ -109,13 +109,15 @@ def machine() -> dict:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/methods.md."""
-    lines = ["| method | trainable params | % of base | tokens/s | vs LoRA | peak RSS (MB) | dev exact match |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | % of base | tokens/s | vs LoRA | % of GEMM peak | peak RSS (MB) "
+             "| final train loss | dev exact match |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = next(r for r in rows if r["method"] == "lora")
     for r in rows:
         lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_percent']:.3f} | "
                      f"{r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base['tokens_per_second']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['dev_exact_match']:.3f} |")
+                     f"{100 * r['approx_gemm_fraction']:.1f} | {r['peak_rss_mb']:.0f} | {r['final_train_loss']:.3f} | "
+                     f"{r['dev_exact_match']:.3f} |")
     return "\n".join(lines)
 
 
@@ -146,8 +148,21 @@ def main() -> None:
         methods.insert(0, "lora")  # the baseline
     work = Path(tempfile.mkdtemp(prefix="dstune-bench-methods-"))
     api.data(load_recipe(RECIPE, ["name=shared", *common_overrides(work, steps, dev)]))
-    peak = gemm_peak_flops()
-    rows = []
+    base_recipe = load_recipe(RECIPE)
+    result = {
+        "benchmark": "methods",
+        "mode": "quick" if args.quick else "full",
+        "machine": machine(),
+        "gemm_peak_flops": gemm_peak_flops(),
+        "settings": {"recipe": str(RECIPE.relative_to(ROOT)), "steps": steps, "dev_samples": dev,
+                     "seed": base_recipe.train.seed, "batch_size": base_recipe.train.batch_size,
+                     "baseline": "lora (the demo recipe's LoRA: r 16, alpha 32, dropout 0.05, all dense linears)",
+                     "per_method": METHODS, "dtype": "float32"},
+        "runs": [],
+    }
+    rows = result["runs"]
+    out_path = ROOT / "bench" / "results" / ("methods-quick.json" if args.quick else "methods.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         print(f"bench/methods: {method} ({steps} steps)", flush=True)
         out = subprocess.run(
@@ -159,24 +174,12 @@ def main() -> None:
             sys.exit(f"bench/methods: {method} failed:\n{out.stderr[-3000:]}")
         row = json.loads(lines[-1][len("RESULT "):])
         # Forward 2N + backward (activation gradients) 2N FLOPs per token through the frozen base.
-        row["approx_gemm_fraction"] = 4 * row["total_parameters"] * row["tokens_per_second"] / peak
+        flops = 4 * row["total_parameters"] * row["tokens_per_second"]
+        row["approx_gemm_fraction"] = flops / result["gemm_peak_flops"]
         rows.append(row)
+        out_path.write_text(json.dumps(result, indent=2))  # each method's row is kept even if a later one fails
         print(f"  {row['tokens_per_second']:.0f} tokens/s, dev EM {row['dev_exact_match']:.3f}, "
               f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    result = {
-        "benchmark": "methods",
-        "mode": "quick" if args.quick else "full",
-        "machine": machine(),
-        "gemm_peak_flops": peak,
-        "settings": {"recipe": str(RECIPE.relative_to(ROOT)), "steps": steps, "dev_samples": dev,
-                     "seed": load_recipe(RECIPE).train.seed, "batch_size": load_recipe(RECIPE).train.batch_size,
-                     "baseline": "lora (the demo recipe's LoRA: r 16, alpha 32, dropout 0.05, all dense linears)",
-                     "per_method": METHODS, "dtype": "float32"},
-        "runs": rows,
-    }
-    out_path = ROOT / "bench" / "results" / ("methods-quick.json" if args.quick else "methods.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
     print("\n" + table(rows) + "\n")
     print(f"bench/methods: wrote {out_path.relative_to(ROOT)}")
 

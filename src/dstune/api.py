@@ -134,7 +134,7 @@ def run(recipe, overrides: list[str] | None = None) -> dict:
 
     merged_dir = None
     if not is_mergeable(trained.model):
-        print(f"dstune: [5/6] no merge: {recipe.train.method} adapters do not fold into the base weights", flush=True)
+        print(f"dstune: [5/6] no merge: a {recipe.train.method} adapter does not fold into the base weights", flush=True)
     elif recipe.model.load_in_4bit:
         print("dstune: [5/6] merging the adapter into the full-precision base (not the 4-bit one)", flush=True)
         merged_dir = merge(recipe, adapter=trained.adapter_dir)
