@@ -4,7 +4,7 @@ Each method trains in its own process (so peak RSS is its own), for the same num
 scores exact match on the dev split. LoRA is the baseline the ratios are taken against.
 
     .venv/bin/python bench/methods.py            # full: 60 steps, 148 dev samples (~20 min on 2 cores)
-    .venv/bin/python bench/methods.py --quick    # 6 steps, 24 dev samples (< 3 min)
+    .venv/bin/python bench/methods.py --quick    # 3 steps, 16 dev samples (< 3 min)
 
 Writes bench/results/methods.json (or methods-quick.json) and prints the markdown table of docs/methods.md.
 """
@@ -123,15 +123,15 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 steps and 24 dev samples (< 3 min)")
+    parser.add_argument("--quick", action="store_true", help="3 steps and 16 dev samples (< 3 min)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--steps", type=int, help="optimizer steps per method (default 60, quick 6)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (default 60, quick 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--dev", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    steps = args.steps or (6 if args.quick else 60)
-    dev = args.dev or (24 if args.quick else 148)
+    steps = args.steps or (3 if args.quick else 60)
+    dev = args.dev or (16 if args.quick else 148)
     if args.worker:
         work = Path(args.work)
         print("RESULT " + json.dumps(worker(args.worker, work, work / "shared" / "data", steps, dev)), flush=True)
