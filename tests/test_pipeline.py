@@ -48,15 +48,20 @@ def test_cli_eval_and_chat_on_trained_adapter(tiny_recipe, tmp_path):
     assert len(proc.stdout.strip().splitlines()) == 1
 
 
-def test_data_file_error_is_one_line_exit_2(tiny_recipe, tmp_path):
+def test_data_file_error_is_one_line_exit_2_in_strict_mode_and_counted_otherwise(tiny_recipe, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
-    recipe = tiny_recipe(data={"train_file": str(bad)})
+    recipe = tiny_recipe(data={"train_file": str(bad), "quality": {"strict": True}})
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     proc = subprocess.run([sys.executable, "-m", "dstune", "data", str(recipe_path)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"dstune: error: {bad}:2: missing field 'output'"
+    assert proc.stderr.strip() == f"dstune: error: {bad}:2: missing field 'output' (data.quality.strict is on)"
+    proc = subprocess.run([sys.executable, "-m", "dstune", "data", str(recipe_path), "data.quality.strict=false"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "runs" / "tiny" / "data" / "report.md").read_text()
+    assert f"{bad}:2: missing field 'output'" in report
 
 
 def test_throughput_excludes_dev_evaluation(tiny_recipe):

@@ -50,6 +50,30 @@ class ICD10Config(StrictModel):
         return [str(v) for v in value] if isinstance(value, list) else value
 
 
+class QualityConfig(StrictModel):
+    """Quality checks of the data stage; every dropped record is counted by reason in the data report."""
+
+    # true: the first problem stops the stage with its file:line, instead of being dropped and counted.
+    strict: bool = False
+    # Samples longer than data.max_length tokens (rendered with the chat template).
+    overlong: Literal["drop", "truncate", "raise"] = "drop"
+    # exact: after case/width/whitespace normalisation; near: also MinHash (estimated Jaccard of 3-gram shingles).
+    dedup: Literal["none", "exact", "near"] = "near"
+    # Training records that also occur in dev/test are dropped from train.
+    leakage: Literal["none", "exact", "near"] = "near"
+    near_threshold: float = Field(0.8, gt=0.0, le=1.0)
+
+
+class AugmentConfig(StrictModel):
+    """Rule-based augmentation of the training split (see dstune.data.augment for the rules and options)."""
+
+    # Rule name -> its options, e.g. {dose: {factors: [0.5, 2]}, date: {}, synonym: {terms: {fever: [pyrexia]}}}.
+    rules: dict[str, dict] = {}
+    # Augmented copies drawn per training record.
+    copies: int = Field(1, ge=1)
+    seed: int = 0
+
+
 class DataConfig(StrictModel):
     """Where the domain data comes from and how it is rendered."""
 
@@ -62,6 +86,8 @@ class DataConfig(StrictModel):
     system_prompt: str | None = None
     max_length: int = 512
     seed: int = 0
+    quality: QualityConfig = QualityConfig()
+    augment: AugmentConfig = AugmentConfig()
 
 
 class LoraConfigSection(StrictModel):

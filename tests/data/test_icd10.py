@@ -2,6 +2,7 @@ from collections import Counter
 
 from dstune.config import DataConfig, ICD10Config
 from dstune.data.icd10 import build_icd10, category_leaves, is_valid_code
+from dstune.data.quality import DropLog
 
 
 def test_default_chapters_give_about_145_categories():
@@ -12,7 +13,8 @@ def test_default_chapters_give_about_145_categories():
 
 
 def test_splits_share_no_leaf_or_description_and_cover_categories():
-    splits, stats = build_icd10(DataConfig(source="icd10", icd10=ICD10Config(max_train_per_category=5)))
+    log = DropLog()
+    splits, _ = build_icd10(DataConfig(source="icd10", icd10=ICD10Config(max_train_per_category=5)), log)
     ids = {name: {r["id"] for r in records} for name, records in splits.items()}
     assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
     described = {name: {r["messages"][0]["content"].lower() for r in records} for name, records in splits.items()}
@@ -20,16 +22,18 @@ def test_splits_share_no_leaf_or_description_and_cover_categories():
     train_categories = {r["meta"]["category"] for r in splits["train"]}
     assert {r["meta"]["category"] for r in splits["test"]} <= train_categories
     assert max(Counter(r["meta"]["category"] for r in splits["train"]).values()) <= 5
-    # Every leaf of every category is either in a split or counted as dropped.
+    # Every leaf of every category is either in a split or counted as dropped, and the books balance.
     total = sum(len(v) for v in category_leaves(ICD10Config()).values())
-    assert sum(len(v) for v in splits.values()) + sum(stats["dropped"].values()) == total
+    books = log.summary({**{name: len(records) for name, records in splits.items()}, "unsplit": 0})["splits"]
+    assert sum(row["input"] for row in books.values()) == total
+    assert books["train"]["dropped"]["over_max_train_per_category"] > 0
     for record in splits["test"]:
         assert record["id"].startswith(record["messages"][1]["content"])
 
 
 def test_split_is_reproducible():
-    a, _ = build_icd10(DataConfig(source="icd10", seed=3))
-    b, _ = build_icd10(DataConfig(source="icd10", seed=3))
+    a, _ = build_icd10(DataConfig(source="icd10", seed=3), DropLog())
+    b, _ = build_icd10(DataConfig(source="icd10", seed=3), DropLog())
     assert [r["id"] for r in a["test"]] == [r["id"] for r in b["test"]]
 
 

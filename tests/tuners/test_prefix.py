@@ -166,7 +166,7 @@ def test_multitask_prefix_early_stopping_restores_every_prefix_of_the_best_check
     data = tmp_path / "ab.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(tiny_recipe(
-        data={"train_file": str(data), "dev_file": str(data), "test_file": None},
+        data={"train_file": str(data), "dev_file": str(data), "test_file": None, "quality": {"leakage": "none"}},
         train={"method": "prefix", "max_steps": 40, "learning_rate": 1e-1, "eval_steps": 2,
                "early_stopping_patience": 2,
                "prefix": {"num_virtual_tokens": 2, "shared_tokens": 2, "tasks": ["a", "b"]}},

@@ -9,17 +9,25 @@ from typing import Iterator
 from ..errors import InputError
 
 ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that cannot become a conversation, with a reason code the data report counts by."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def _from_messages(record: dict) -> list[dict]:
     messages = record["messages"]
     if not isinstance(messages, list):
-        raise ValueError("'messages' must be a list")
+        raise RecordError("malformed_record", "'messages' must be a list")
     out = []
     for turn in messages:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise ValueError("each message needs 'role' and 'content'")
+            raise RecordError("missing_field", "each message needs 'role' and 'content'")
         out.append({"role": turn["role"], "content": turn["content"]})
     return out
 
@@ -39,7 +47,7 @@ def _from_sharegpt(record: dict) -> list[dict]:
     for turn in record["conversations"]:
         role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
-            raise ValueError(f"unknown ShareGPT speaker {turn.get('from')!r}")
+            raise RecordError("unknown_role", f"unknown ShareGPT speaker {turn.get('from')!r}")
         out.append({"role": role, "content": turn.get("value")})
     return out
 
@@ -50,31 +58,35 @@ RECORD_FORMS = {"messages": _from_messages, "instruction": _from_alpaca, "conver
 def validate_messages(messages: list[dict]) -> None:
     """Raise ValueError unless roles are known, contents are non-empty strings and an assistant turn ends it."""
     if not messages:
-        raise ValueError("no messages")
+        raise RecordError("empty_field", "no messages")
     for i, turn in enumerate(messages):
         if turn["role"] not in ROLES:
-            raise ValueError(f"message {i}: unknown role {turn['role']!r}")
+            raise RecordError("unknown_role", f"message {i}: unknown role {turn['role']!r}")
         if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise ValueError(f"message {i}: empty or non-text content")
+            raise RecordError("empty_field", f"message {i}: empty or non-text content")
         if turn["role"] == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message must come first")
+            raise RecordError("role_order", f"message {i}: a system message must come first")
+        if i and turn["role"] == messages[i - 1]["role"]:
+            raise RecordError("role_order", f"message {i}: two {turn['role']} turns in a row")
     if messages[-1]["role"] != "assistant":
-        raise ValueError("the last message must be from the assistant")
+        raise RecordError("role_order", "the last message must be from the assistant")
 
 
 def to_messages(record: dict) -> list[dict]:
     """Normalise one record of any supported form to chat messages (ValueError if it fits none)."""
     if not isinstance(record, dict):
-        raise ValueError("a record must be a JSON object")
+        raise RecordError("malformed_record", "a record must be a JSON object")
     for key, convert in RECORD_FORMS.items():
         if key in record:
             try:
                 messages = convert(record)
             except KeyError as exc:
-                raise ValueError(f"missing field {exc.args[0]!r}") from None
+                raise RecordError("missing_field", f"missing field {exc.args[0]!r}") from None
+            except (TypeError, AttributeError):
+                raise RecordError("malformed_record", f"field {key!r} has the wrong shape") from None
             validate_messages(messages)
             return messages
-    raise ValueError(f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)}")
+    raise RecordError("unknown_form", f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)}")
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, list[dict], dict]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections import Counter
 
 from ..config import DataConfig, ICD10Config
+from .quality import DropLog
 
 
 def _icd():
@@ -35,12 +35,11 @@ def is_valid_code(text: str) -> bool:
     return _icd().is_valid_item(text.strip())
 
 
-def build_icd10(config: DataConfig) -> tuple[dict[str, list[dict]], dict]:
+def build_icd10(config: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]], dict]:
     """Split leaf codes per category into train/dev/test, each description in one split only."""
     options = config.icd10
     cm = _icd()
     rng = random.Random(config.seed)
-    dropped: Counter = Counter()
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
     categories = category_leaves(options)
@@ -49,7 +48,10 @@ def build_icd10(config: DataConfig) -> tuple[dict[str, list[dict]], dict]:
         for leaf in leaves:
             description = cm.get_description(leaf).strip()
             if description.lower() in seen:
-                dropped["duplicate_description"] += 1
+                # Not yet in a split: these books are kept under "unsplit".
+                log.seen("unsplit")
+                log.drop("unsplit", "duplicate_description", leaf, f"description {description!r} seen before",
+                         problem=False)
                 continue
             seen.add(description.lower())
             unique.append((leaf, description))
@@ -57,18 +59,23 @@ def build_icd10(config: DataConfig) -> tuple[dict[str, list[dict]], dict]:
         n_test = max(1, round(options.test_fraction * len(unique)))
         n_dev = max(1, round(options.dev_fraction * len(unique)))
         parts = {"test": unique[:n_test], "dev": unique[n_test:n_test + n_dev], "train": unique[n_test + n_dev:]}
-        if options.max_train_per_category is not None and len(parts["train"]) > options.max_train_per_category:
-            dropped["over_max_train_per_category"] += len(parts["train"]) - options.max_train_per_category
-            parts["train"] = parts["train"][: options.max_train_per_category]
+        for split, items in parts.items():
+            log.seen(split, len(items))
+        cap = options.max_train_per_category
+        if cap is not None and len(parts["train"]) > cap:
+            for leaf, _ in parts["train"][cap:]:
+                log.drop("train", "over_max_train_per_category", leaf, f"category {category} has {cap} already",
+                         problem=False)
+            parts["train"] = parts["train"][:cap]
         for split, items in parts.items():
             for leaf, description in items:
                 question = options.question.format(description=description)
                 splits[split].append({
                     "id": leaf,
                     "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": category}],
-                    "meta": {"category": category, "chapter": cm.get_ancestors(category)[-1]},
+                    "meta": {"category": category, "chapter": cm.get_ancestors(category)[-1], "source": leaf},
                 })
     for items in splits.values():
         rng.shuffle(items)
-    stats = {"categories": len(categories), "chapters": options.chapters, "dropped": dict(dropped)}
+    stats = {"categories": len(categories), "chapters": options.chapters}
     return splits, stats

@@ -6,23 +6,40 @@ from typing import Callable
 
 from ..config import DataConfig
 from ..errors import InputError
-from .formats import read_jsonl
+from .formats import RecordError, to_messages
+from .quality import DropLog
+from .readers import read_records
 from .icd10 import build_icd10
 
-SourceFn = Callable[[DataConfig], tuple[dict[str, list[dict]], dict]]
+SourceFn = Callable[[DataConfig, DropLog], tuple[dict[str, list[dict]], dict]]
 
 
-def build_files(config: DataConfig) -> tuple[dict[str, list[dict]], dict]:
-    """Read train/dev/test JSONL files in messages, Alpaca or ShareGPT form."""
+def build_files(config: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]], dict]:
+    """Read train/dev/test files (JSONL, JSON, CSV, Parquet, or folders) in messages, Alpaca or ShareGPT form."""
     if not config.train_file:
         raise InputError("data.train_file: required when data.source is 'files'")
     splits: dict[str, list[dict]] = {}
     for split in ("train", "dev", "test"):
         path = getattr(config, f"{split}_file")
-        if path:
-            splits[split] = [{"id": i, "messages": m, "meta": meta} for i, m, meta in read_jsonl(path)]
-    # A bad line stops the stage (read_jsonl raises), so nothing is dropped here.
-    return splits, {"files": {s: getattr(config, f"{s}_file") for s in splits}, "dropped": {}}
+        if not path:
+            continue
+        records = splits[split] = []
+        for raw in read_records(path):
+            log.seen(split)
+            if raw.reason:
+                log.drop(split, raw.reason, raw.location, raw.detail)
+                continue
+            try:
+                messages = to_messages(raw.record)
+            except RecordError as exc:
+                log.drop(split, exc.reason, raw.location, str(exc))
+                continue
+            meta = dict(raw.record.get("meta") or {}) if isinstance(raw.record.get("meta"), dict) else {}
+            if "task" in raw.record:  # multi-task data: the task name picks e.g. the task prefix
+                meta["task"] = str(raw.record["task"])
+            meta["source"] = raw.location
+            records.append({"id": str(raw.record.get("id", raw.location)), "messages": messages, "meta": meta})
+    return splits, {"files": {s: getattr(config, f"{s}_file") for s in splits}}
 
 
 DATA_SOURCES: dict[str, SourceFn] = {"files": build_files, "icd10": build_icd10}
