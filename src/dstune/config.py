@@ -74,6 +74,18 @@ class AugmentConfig(StrictModel):
     seed: int = 0
 
 
+class StratifyConfig(StrictModel):
+    """Stratified sampling of the training split for term coverage."""
+
+    # A record field that names the stratum, e.g. meta.category (ICD-10 category) or meta.chapter.
+    key: str | None = None
+    # Or: terms to find in the text; each term is a stratum (a record may cover several).
+    terms: list[str] = []
+    # Training records to keep; None keeps all and only reports coverage.
+    target: int | None = Field(None, ge=1)
+    min_per_stratum: int = Field(1, ge=1)
+
+
 class DataConfig(StrictModel):
     """Where the domain data comes from and how it is rendered."""
 
@@ -87,6 +99,7 @@ class DataConfig(StrictModel):
     max_length: int = 512
     seed: int = 0
     quality: QualityConfig = QualityConfig()
+    stratify: StratifyConfig = StratifyConfig()
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -12,6 +12,7 @@ from ..errors import InputError
 from .augment import augment_record
 from .quality import DropLog, deduplicate, remove_leakage
 from .sources import DATA_SOURCES
+from .stratify import stratify_train
 
 SPLITS = ("train", "dev", "test")
 
@@ -34,6 +35,8 @@ def build_dataset(recipe: Recipe) -> Path:
         splits[split] = deduplicate(records, split, log, quality.dedup, quality.near_threshold)
     remove_leakage(splits, log, quality.leakage, quality.near_threshold)
     check_lengths(splits, recipe, log)
+    if "train" in splits:
+        stats["coverage"] = stratify_train(splits, recipe.data.stratify, log, recipe.data.seed)
     augmentation = augment_split(splits, recipe, log) if recipe.data.augment.rules else None
     if not splits.get("train"):
         raise InputError(f"data.source={recipe.data.source!r}: no training samples left "
@@ -117,6 +120,18 @@ def data_report_markdown(name: str, manifest: dict) -> str:
     for split, row in quality["splits"].items():
         lines.append(f"| {split} | {row['input']} | {row['kept']} | {listed(row['dropped'])} | "
                      f"{listed(row['changed'])} | {listed(row.get('added', {}))} |")
+    if manifest.get("coverage"):
+        cov = manifest["coverage"]
+        train = cov["train"]
+        lines += ["", f"Coverage by `{cov['by']}`: {train['covered']}/{train['strata']} strata in train "
+                      f"({100 * train['coverage']:.1f}%), at least {train['min_count']} examples each."]
+        if train["uncovered"]:
+            lines.append(f"Uncovered: {', '.join(train['uncovered'][:50])}.")
+        for split in ("dev", "test"):
+            if f"{split}_strata_in_train" in cov:
+                part = cov[f"{split}_strata_in_train"]
+                lines.append(f"{split.capitalize()} strata seen in train: {part['covered']}/{part['strata']} "
+                             f"({100 * part['coverage']:.1f}%).")
     if manifest.get("augmentation"):
         augmentation = manifest["augmentation"]
         lines += ["", f"Augmentation rules {', '.join(augmentation['rules'])}, {augmentation['copies']} "
