@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -89,26 +88,25 @@ def to_messages(record: dict) -> list[dict]:
     raise RecordError("unknown_form", f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)}")
 
 
+def to_sample(record: dict, location: str) -> dict:
+    """A dataset sample from a raw record: id (default: its location), messages and meta (with task and source)."""
+    messages = to_messages(record)
+    meta = dict(record["meta"]) if isinstance(record.get("meta"), dict) else {}
+    if "task" in record:  # multi-task data: the task name picks e.g. the task prefix
+        meta["task"] = str(record["task"])
+    meta["source"] = location
+    return {"id": str(record.get("id", location)), "messages": messages, "meta": meta}
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, list[dict], dict]]:
     """Yield (sample id, messages, meta) for each record; a bad line raises an error naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: data file not found")
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                messages = to_messages(record)
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not valid UTF-8") from None
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
-            except ValueError as exc:
-                raise InputError(f"{where}: {exc}") from None
-            meta = dict(record.get("meta") or {})
-            if "task" in record:  # multi-task data: the task name picks e.g. the task prefix
-                meta["task"] = str(record["task"])
-            yield str(record.get("id", where)), messages, meta
+    from .readers import read_records
+
+    for raw in read_records(path):
+        if raw.reason:
+            raise InputError(f"{raw.location}: {raw.detail}")
+        try:
+            sample = to_sample(raw.record, raw.location)
+        except RecordError as exc:
+            raise InputError(f"{raw.location}: {exc}") from None
+        yield sample["id"], sample["messages"], sample["meta"]

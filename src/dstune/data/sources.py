@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..config import DataConfig
 from ..errors import InputError
-from .formats import RecordError, to_messages
+from .formats import RecordError, to_sample
 from .quality import DropLog
 from .readers import read_records
 from .icd10 import build_icd10
@@ -30,15 +30,9 @@ def build_files(config: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]]
                 log.drop(split, raw.reason, raw.location, raw.detail)
                 continue
             try:
-                messages = to_messages(raw.record)
+                records.append(to_sample(raw.record, raw.location))
             except RecordError as exc:
                 log.drop(split, exc.reason, raw.location, str(exc))
-                continue
-            meta = dict(raw.record.get("meta") or {}) if isinstance(raw.record.get("meta"), dict) else {}
-            if "task" in raw.record:  # multi-task data: the task name picks e.g. the task prefix
-                meta["task"] = str(raw.record["task"])
-            meta["source"] = raw.location
-            records.append({"id": str(raw.record.get("id", raw.location)), "messages": messages, "meta": meta})
     return splits, {"files": {s: getattr(config, f"{s}_file") for s in splits}}
 
 
