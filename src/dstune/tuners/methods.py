@@ -19,10 +19,9 @@ ADAPTER_PLACEMENTS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"]}
 
 @dataclass(frozen=True)
 class Method:
-    """One PEFT method: how to add it to a base model, and whether it folds into the base weights."""
+    """One PEFT method: how to add it to a base model (whether it merges follows from its peft type)."""
 
     add: Callable  # (base model, TrainConfig) -> peft model
-    mergeable: bool
     summary: str
 
 
@@ -58,12 +57,12 @@ def add_bottleneck(model, options: AdapterConfigSection):
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(lambda m, t: add_lora(m, t.lora), True, "low-rank updates of the linear weights"),
-    "dora": Method(lambda m, t: add_lora(m, t.lora, use_dora=True), True,
+    "lora": Method(lambda m, t: add_lora(m, t.lora), "low-rank updates of the linear weights"),
+    "dora": Method(lambda m, t: add_lora(m, t.lora, use_dora=True),
                    "LoRA on the direction, with a learned magnitude per output"),
-    "ia3": Method(lambda m, t: add_ia3(m, t.ia3), True, "learned rescaling of keys, values and MLP inputs"),
-    "prefix": Method(lambda m, t: add_prefix(m, t.prefix), False, "learned key/value prefixes in every layer"),
-    "adapter": Method(lambda m, t: add_bottleneck(m, t.adapter), False,
+    "ia3": Method(lambda m, t: add_ia3(m, t.ia3), "learned rescaling of keys, values and MLP inputs"),
+    "prefix": Method(lambda m, t: add_prefix(m, t.prefix), "learned key/value prefixes in every layer"),
+    "adapter": Method(lambda m, t: add_bottleneck(m, t.adapter),
                       "bottleneck MLPs after attention and/or the MLP"),
 }
 

@@ -14,6 +14,7 @@ shared prefix and each row's task prefix into one cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -227,7 +228,12 @@ class PrefixCausalLM(PeftModelForCausalLM):
 
 def _cache_keyword(model) -> str:
     """`cache` in transformers >= 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(model))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def prefix_task_adapters(path: Path) -> dict[str, Path] | None:

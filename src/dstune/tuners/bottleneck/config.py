@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .layer import ACTIVATIONS
 from .peft_type import BOTTLENECK
-
-ACTIVATIONS = ("relu", "gelu", "silu")
 
 
 @dataclass

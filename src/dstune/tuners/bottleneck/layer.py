@@ -5,7 +5,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class BottleneckLayer(nn.Module, BaseTunerLayer):
@@ -41,7 +41,7 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
             up.to(weight.device, weight.dtype)
         self.bottleneck_down[adapter_name] = down
         self.bottleneck_up[adapter_name] = up
-        self.bottleneck_activation[adapter_name] = _ACTIVATIONS[config.activation]()
+        self.bottleneck_activation[adapter_name] = ACTIVATIONS[config.activation]()
         self.bottleneck_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.set_adapter(self.active_adapters)
 
