@@ -47,9 +47,13 @@ def data(recipe, overrides: list[str] | None = None) -> Path:
 
 def train(recipe, overrides: list[str] | None = None) -> TrainResult:
     """Fine-tune on the recipe's dataset folder (built first if missing)."""
+    from accelerate import PartialState
+
     recipe = _recipe(recipe, overrides)
-    if not (recipe.run_dir / "data" / "train.jsonl").is_file():
-        build_dataset(recipe)
+    # Under torchrun the main process builds the dataset; the others wait, then read it.
+    with PartialState().main_process_first():
+        if not (recipe.run_dir / "data" / "train.jsonl").is_file():
+            build_dataset(recipe)
     return train_stage(recipe)
 
 

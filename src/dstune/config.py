@@ -86,6 +86,40 @@ class StratifyConfig(StrictModel):
     min_per_stratum: int = Field(1, ge=1)
 
 
+class AdversarialConfig(StrictModel):
+    """Adversarial validation: score each training record's similarity to a target-domain reference sample."""
+
+    # dev, test, or a file/folder of target-domain records (any record form, or raw text). None: off.
+    reference: str | None = None
+    # Drop records whose domain score (out-of-fold P(reference-like)) is below this value...
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    # ...or below this quantile of the scores (0.1 drops the 10% least domain-like). Neither: score only.
+    quantile: float | None = Field(None, ge=0.0, lt=1.0)
+    # tfidf: character 2-4-grams (any language) + logistic regression; embeddings: mean-pooled hidden states of
+    # a local model (embedding_model), + logistic regression.
+    features: Literal["tfidf", "embeddings"] = "tfidf"
+    embedding_model: str | None = None
+    folds: int = Field(5, ge=2)
+    examples: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if self.threshold is not None and self.quantile is not None:
+            raise ValueError("set threshold or quantile, not both")
+        if self.features == "embeddings" and not self.embedding_model:
+            raise ValueError("features=embeddings needs embedding_model (a local model folder)")
+        return self
+
+
+class ReplayConfig(StrictModel):
+    """General-data replay: mix general instruction data into training to protect general ability."""
+
+    # Replay records per domain training record, not counting augmented copies (0.1 adds 10% as many); 0 is off.
+    ratio: float = Field(0.0, ge=0.0)
+    # A file or folder of general records; None: the general set that ships with dstune (docs/data.md).
+    file: str | None = None
+
+
 class DataConfig(StrictModel):
     """Where the domain data comes from and how it is rendered."""
 
@@ -96,11 +130,15 @@ class DataConfig(StrictModel):
     test_file: str | None = None
     # Added as the first turn of every conversation that has no system turn.
     system_prompt: str | None = None
+    # dstune field name -> the files' field name, e.g. {instruction: question, output: answer, text: content}.
+    fields: dict[str, str] = {}
     max_length: int = 512
     seed: int = 0
     quality: QualityConfig = QualityConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
     stratify: StratifyConfig = StratifyConfig()
     augment: AugmentConfig = AugmentConfig()
+    replay: ReplayConfig = ReplayConfig()
 
 
 class LoraConfigSection(StrictModel):

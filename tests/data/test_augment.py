@@ -78,3 +78,15 @@ def test_augmentation_is_seeded_and_counted_in_the_data_report(tiny_recipe, tmp_
     books = manifest["quality"]["splits"]["train"]
     assert books["input"] == 4 and books["kept"] == 4 and books["added"] == {"augmented": 4}
     assert manifest["counts"]["train"] == 8
+
+
+def test_raw_text_records_are_augmented_in_place():
+    import random
+
+    from dstune.data.augment import augment_record
+
+    record = {"id": "t1", "text": "Give 25mg twice daily in 2023.", "meta": {}}
+    out, outcome = augment_record(record, {"dose": {"factors": [2]}, "date": {"periods_en": ["in recent years"]}},
+                                  random.Random(0))
+    assert outcome == "augmented" and "messages" not in out
+    assert out["text"] == "Give 50mg twice daily in recent years."

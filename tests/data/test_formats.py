@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dstune.data.formats import read_jsonl, to_messages
+from dstune.data.formats import read_samples, to_messages
 from dstune.errors import InputError
 
 EXPECTED = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -38,19 +38,19 @@ def test_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n\n{not json\n")
     with pytest.raises(InputError, match=rf"{path}:3: not valid JSON"):
-        list(read_jsonl(path))
+        list(read_samples(path))
 
 
 def test_invalid_utf8_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps({"instruction": "q", "output": "a"}).encode() + b"\n\xff\xfe\n")
     with pytest.raises(InputError, match=rf"{path}:2: not valid UTF-8"):
-        list(read_jsonl(path))
+        list(read_samples(path))
 
 
 def test_ids_default_to_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n" +
                     json.dumps({"id": "x7", "instruction": "q", "output": "a"}) + "\n")
-    ids = [sample_id for sample_id, _, _ in read_jsonl(path)]
+    ids = [sample["id"] for sample in read_samples(path)]
     assert ids == [f"{path}:1", "x7"]

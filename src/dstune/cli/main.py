@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the dataset, evaluate the base model, LoRA fine-tune, evaluate the tuned "
                                    "model, merge the adapter and write runs/<name>/report.{json,md}.")
     _add_recipe(p)
-    p = sub.add_parser("data", help="build the dataset folder (train/dev/test JSONL + manifest)",
-                       description="Turn the recipe's data source into runs/<name>/data/{train,dev,test}.jsonl.")
+    p = sub.add_parser("data", help="build the dataset folder (train/dev/test JSONL, manifest, data report)",
+                       description="Turn the recipe's data source into runs/<name>/data/{train,dev,test}.jsonl: "
+                                   "quality checks (every drop counted by reason with its file:line), adversarial "
+                                   "domain filter, stratified sampling, augmentation and general replay, as the "
+                                   "recipe's data section says. The report is report.md / report.html.")
     _add_recipe(p)
     p = sub.add_parser("train", help="LoRA fine-tune on the dataset folder",
                        description="Fine-tune with LoRA; saves runs/<name>/adapter in peft format.")
@@ -100,7 +103,7 @@ def dispatch(args) -> int:
         api.run(args.recipe, args.overrides)
     elif args.command == "data":
         out = api.data(args.recipe, args.overrides)
-        print(f"dstune: dataset written to {out}")
+        print(f"dstune: dataset written to {out} (report: {out / 'report.html'})")
     elif args.command == "train":
         result = api.train(args.recipe, args.overrides)
         if result.trainer.is_world_process_zero():  # under torchrun only rank 0 saves

@@ -96,7 +96,8 @@ def _replace(text: str, sub: Substitution) -> str:
 
 def augment_record(record: dict, rules: dict[str, dict], rng: random.Random) -> tuple[dict | None, str]:
     """A changed copy of a record and "augmented", or None and why not ("no_match", "inconsistent")."""
-    messages = record["messages"]
+    # A raw text (continued pre-training) has no answer to keep consistent: the whole text is the prompt.
+    messages = record.get("messages") or [{"role": "user", "content": record["text"]}]
     prompt = "\n".join(t["content"] for t in messages if t["role"] != "assistant")
     answer = "\n".join(t["content"] for t in messages if t["role"] == "assistant")
     subs: list[Substitution] = []
@@ -117,4 +118,5 @@ def augment_record(record: dict, rules: dict[str, dict], rng: random.Random) -> 
             content = _replace(content, sub)
         changed.append({**turn, "content": content})
     meta = {**record.get("meta", {}), "augmented_from": record["id"]}
-    return {**record, "id": f"{record['id']}#aug", "messages": changed, "meta": meta}, "augmented"
+    body = {"messages": changed} if "messages" in record else {"text": changed[0]["content"]}
+    return {**record, "id": f"{record['id']}#aug", **body, "meta": meta}, "augmented"

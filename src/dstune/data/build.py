@@ -1,144 +1,70 @@
-"""The data stage: build the domain dataset folder (train/dev/test JSONL in messages form, plus a manifest)."""
+"""The data stage: build the domain dataset folder (train/dev/test JSONL, a manifest and the data report).
+
+Two passes. The checks stream every split through the per-record quality checks into its JSONL file, eval splits
+first (training records are checked for leaks against them). The selection then works on the training split:
+domain filter (adversarial validation), stratified sampling, augmentation and general-data replay.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..errors import InputError
 from .augment import augment_record
-from .quality import DropLog, deduplicate, remove_leakage
-from .sources import DATA_SOURCES
+from .domain import adversarial_filter
+from .formats import read_samples
+from .quality import DropLog, LengthFn, QualityChecks, chunked, record_text
+from .report import write_reports
+from .sources import DATA_SOURCES, file_samples
 from .stratify import stratify_train
 
 SPLITS = ("train", "dev", "test")
+GENERAL_SET = Path(__file__).parent / "general" / "general.jsonl"
 
 
-def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Prepend the recipe's system prompt unless the conversation has its own."""
-    if system_prompt and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+def with_system_prompt(record: dict, system_prompt: str | None) -> dict:
+    """Prepend the recipe's system prompt unless the conversation has its own (raw text stays as it is)."""
+    messages = record.get("messages")
+    if system_prompt and messages and messages[0]["role"] != "system":
+        record["messages"] = [{"role": "system", "content": system_prompt}, *messages]
+    return record
 
 
-def build_dataset(recipe: Recipe) -> Path:
-    """Run the data source and the quality checks; write the dataset folder and its report; return the folder."""
-    quality = recipe.data.quality
-    log = DropLog(strict=quality.strict)
-    splits, stats = DATA_SOURCES[recipe.data.source](recipe.data, log)
-    for split, records in splits.items():
-        for record in records:
-            record["messages"] = with_system_prompt(record["messages"], recipe.data.system_prompt)
-        splits[split] = deduplicate(records, split, log, quality.dedup, quality.near_threshold)
-    remove_leakage(splits, log, quality.leakage, quality.near_threshold)
-    check_lengths(splits, recipe, log)
-    if "train" in splits:
-        stats["coverage"] = stratify_train(splits, recipe.data.stratify, log, recipe.data.seed)
-    augmentation = augment_split(splits, recipe, log) if recipe.data.augment.rules else None
-    if not splits.get("train"):
-        raise InputError(f"data.source={recipe.data.source!r}: no training samples left "
-                         f"(dropped: {dict(log.dropped.get('train', {}))})")
-    out = recipe.run_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in SPLITS:
-        path = out / f"{split}.jsonl"
-        records = splits.get(split)
-        if records is None:
-            path.unlink(missing_ok=True)
-            continue
-        with path.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        counts[split] = len(records)
-    report = log.summary(counts)
-    manifest = {"stage": "data", "source": recipe.data.source, "counts": counts, **stats, "quality": report,
-                "augmentation": augmentation}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    (out / "report.md").write_text(data_report_markdown(recipe.name, manifest))
-    return out
-
-
-def augment_split(splits: dict[str, list[dict]], recipe: Recipe, log: DropLog) -> dict:
-    """Append augmented copies of training records; returns how many records each outcome had."""
-    options = recipe.data.augment
-    rng = random.Random(options.seed)
-    outcomes: Counter = Counter()
-    new = []
-    for record in splits["train"]:
-        for copy in range(options.copies):
-            augmented, outcome = augment_record(record, options.rules, rng)
-            outcomes[outcome] += 1
-            if augmented is not None:
-                augmented["id"] = f"{record['id']}#aug{copy + 1}"
-                new.append(augmented)
-    splits["train"] += new
-    log.add("train", "augmented", len(new))
-    return {"rules": sorted(options.rules), "copies": options.copies, "outcomes": dict(outcomes)}
-
-
-def check_lengths(splits: dict[str, list[dict]], recipe: Recipe, log: DropLog) -> None:
-    """Drop, count as truncated, or refuse samples longer than data.max_length tokens with the chat template."""
+def token_lengths(recipe: Recipe) -> LengthFn:
+    """Tokens of each sample as training sees it: rendered with the chat template, or raw text plus EOS."""
     from ..models.loading import load_tokenizer, resolve_model_path
     from .templates import get_template
 
-    limit, policy = recipe.data.max_length, recipe.data.quality.overlong
     tokenizer = load_tokenizer(resolve_model_path(recipe.model.name_or_path), recipe.model.trust_remote_code)
     template = get_template(recipe.model.template, tokenizer)
-    for split, records in splits.items():
-        kept = []
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+
+    def lengths(records: list[dict]) -> list[int]:
+        texts = [r["text"] if "text" in r else template.conversation_text(r["messages"]) for r in records]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(x) + (eos if "text" in r else 0) for x, r in zip(ids, records)]
+
+    return lengths
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> int:
+    """Write records one per line, to a temporary file renamed into place; returns how many."""
+    count = 0
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as handle:
         for record in records:
-            text = "".join(piece for piece, _ in template.render(record["messages"], False))
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if length <= limit:
-                kept.append(record)
-                continue
-            where = record["meta"].get("source", record["id"])
-            if policy == "raise":
-                raise InputError(f"{where}: {length} tokens, over data.max_length={limit} "
-                                 "(data.quality.overlong=raise)")
-            if policy == "truncate":
-                log.change(split, "truncated")
-                kept.append(record)
-            else:
-                log.drop(split, "over_length", where, f"{length} tokens > data.max_length={limit}")
-        splits[split] = kept
-
-
-def data_report_markdown(name: str, manifest: dict) -> str:
-    """The data report: per split, input = kept + dropped by reason, then example messages per reason."""
-    quality = manifest["quality"]
-    lines = [f"# Data report: {name}", "", f"Source: `{manifest['source']}`.", "",
-             "| split | input | kept | dropped | changed | added |", "|---|---|---|---|---|---|"]
-
-    def listed(counts: dict) -> str:
-        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "0"
-
-    for split, row in quality["splits"].items():
-        lines.append(f"| {split} | {row['input']} | {row['kept']} | {listed(row['dropped'])} | "
-                     f"{listed(row['changed'])} | {listed(row.get('added', {}))} |")
-    if manifest.get("coverage"):
-        cov = manifest["coverage"]
-        train = cov["train"]
-        lines += ["", f"Coverage by `{cov['by']}`: {train['covered']}/{train['strata']} strata in train "
-                      f"({100 * train['coverage']:.1f}%), at least {train['min_count']} examples each."]
-        if train["uncovered"]:
-            lines.append(f"Uncovered: {', '.join(train['uncovered'][:50])}.")
-        for split in ("dev", "test"):
-            if f"{split}_strata_in_train" in cov:
-                part = cov[f"{split}_strata_in_train"]
-                lines.append(f"{split.capitalize()} strata seen in train: {part['covered']}/{part['strata']} "
-                             f"({100 * part['coverage']:.1f}%).")
-    if manifest.get("augmentation"):
-        augmentation = manifest["augmentation"]
-        lines += ["", f"Augmentation rules {', '.join(augmentation['rules'])}, {augmentation['copies']} "
-                      f"cop{'y' if augmentation['copies'] == 1 else 'ies'} per record: {listed(augmentation['outcomes'])}."]
-    for reason, examples in sorted(quality["examples"].items()):
-        lines += ["", f"## {reason}", ""] + [f"- `{e}`" for e in examples]
-    return "\n".join(lines) + "\n"
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(partial, path)  # readers never see a half-written split
+    return count
 
 
 def load_split(data_dir: Path, split: str) -> list[dict]:
@@ -148,3 +74,120 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
         return []
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def check_splits(recipe: Recipe, log: DropLog, out: Path, lengths: LengthFn | None) -> tuple[dict, dict, QualityChecks]:
+    """Stream each split of the data source through the quality checks into out/<split>.jsonl; returns counts."""
+    data = recipe.data
+    sources, stats = DATA_SOURCES[data.source](data, log)
+    checks = QualityChecks(data.quality, log, lengths, data.max_length)
+    counts = {}
+    for split in ("dev", "test", "train"):  # eval splits first: training records are checked for leaks
+        path = out / f"{split}.jsonl"
+        if split not in sources:
+            path.unlink(missing_ok=True)
+            continue
+        prepared = (with_system_prompt(r, data.system_prompt) for r in sources[split])
+        passed = tqdm(checks.run(split, prepared), desc=f"checking {split}", unit=" records", disable=None)
+        counts[split] = write_jsonl(path, passed)
+    return counts, stats, checks
+
+
+def build_dataset(recipe: Recipe) -> Path:
+    """Run the data source, the checks and the selection; write the dataset folder and its reports."""
+    data = recipe.data
+    log = DropLog(strict=data.quality.strict)
+    out = recipe.run_dir / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = token_lengths(recipe)
+    counts, stats, checks = check_splits(recipe, log, out, lengths)
+    stages = [{"stage": "checked", **counts}]
+    if not counts.get("train"):
+        raise InputError(f"data.source={data.source!r}: no training samples left "
+                         f"(dropped: {dict(log.dropped.get('train', {}))})")
+    selection = {}
+    if data.adversarial.reference or data.stratify.key or data.stratify.terms or data.augment.rules \
+            or data.replay.ratio:
+        splits = {split: load_split(out, split) for split in counts}
+        if data.adversarial.reference:
+            reference = reference_texts(data.adversarial.reference, splits, data.fields)
+            splits["train"], selection["adversarial"] = adversarial_filter(
+                splits["train"], reference, data.adversarial, log, data.seed)
+            stages.append({"stage": "domain filter", "train": len(splits["train"])})
+        if data.stratify.key or data.stratify.terms:
+            selection["coverage"] = stratify_train(splits, data.stratify, log, data.seed)
+            stages.append({"stage": "stratified", "train": len(splits["train"])})
+        if data.augment.rules:
+            selection["augmentation"] = augment_split(splits, recipe, log, lengths)
+            stages.append({"stage": "augmented", "train": len(splits["train"])})
+        if data.replay.ratio:
+            selection["replay"] = replay_split(splits, recipe, log, checks)
+            counts["replay"] = selection["replay"]["added"]
+            stages.append({"stage": "replay", "train": len(splits["train"])})
+        if not splits["train"]:
+            raise InputError("data: the selection left no training samples (see data.adversarial, data.stratify)")
+        counts["train"] = write_jsonl(out / "train.jsonl", splits["train"])
+    report = log.summary(counts)
+    counts.pop("replay", None)
+    manifest = {"stage": "data", "source": data.source, "counts": counts, **stats, **selection, "stages": stages,
+                "quality": report, "max_length": data.max_length}
+    write_reports(out, recipe.name, manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return out
+
+
+def reference_texts(reference: str, splits: dict[str, list[dict]], fields: dict[str, str]) -> list[str]:
+    """The target-domain sample for adversarial validation: an eval split, or a file or folder of records."""
+    if reference in ("dev", "test"):
+        if not splits.get(reference):
+            raise InputError(f"data.adversarial.reference: the {reference} split is empty or absent")
+        return [record_text(r) for r in splits[reference]]
+    return [record_text(r) for r in read_samples(reference, fields)]
+
+
+def augment_split(splits: dict[str, list[dict]], recipe: Recipe, log: DropLog, lengths: LengthFn | None) -> dict:
+    """Append augmented copies of training records; returns how many records each outcome had."""
+    options = recipe.data.augment
+    rng = random.Random(options.seed)
+    outcomes: Counter = Counter()
+    new = []
+    for record in splits["train"]:
+        for copy in range(options.copies):
+            augmented, outcome = augment_record(record, options.rules, rng)
+            if augmented is not None:
+                augmented["id"] = f"{record['id']}#aug{copy + 1}"
+                new.append(augmented)
+            else:
+                outcomes[outcome] += 1
+    kept = []
+    for chunk in chunked(new):  # a longer synonym can push a sample over max_length
+        for record, length in zip(chunk, lengths(chunk) if lengths else [0] * len(chunk)):
+            if length > recipe.data.max_length:
+                outcomes["over_length"] += 1
+            else:
+                record["meta"]["tokens"] = length
+                kept.append(record)
+    outcomes["augmented"] = len(kept)
+    splits["train"] += kept
+    log.add("train", "augmented", len(kept))
+    return {"rules": sorted(options.rules), "copies": options.copies, "outcomes": dict(outcomes)}
+
+
+def replay_split(splits: dict[str, list[dict]], recipe: Recipe, log: DropLog, checks: QualityChecks) -> dict:
+    """Mix general records into training (ratio x the domain records), checked like any other split."""
+    options = recipe.data.replay
+    path = options.file or str(GENERAL_SET)
+    # Counted before augmentation, so that turning augmentation on or off doesn't change the replay.
+    domain = sum(1 for r in splits["train"] if "augmented_from" not in r["meta"])
+    checked = list(checks.run("replay", file_samples(path, "replay", log, recipe.data.fields)))
+    wanted = round(options.ratio * domain)
+    random.Random(recipe.data.seed).shuffle(checked)
+    for record in checked[wanted:]:
+        log.drop("replay", "not_sampled", record["meta"]["source"], f"over data.replay.ratio={options.ratio}",
+                 problem=False)
+    chosen = checked[:wanted]
+    for record in chosen:
+        record["meta"]["replay"] = True
+    splits["train"] += chosen
+    log.add("train", "replay", len(chosen))
+    return {"file": path, "ratio": options.ratio, "wanted": wanted, "available": len(checked), "added": len(chosen)}

@@ -1,4 +1,4 @@
-"""Record forms (OpenAI `messages`, Alpaca, ShareGPT) normalised to a list of chat messages."""
+"""Record forms (OpenAI `messages`, Alpaca, ShareGPT) normalised to a list of chat messages, or raw text."""
 
 from __future__ import annotations
 
@@ -71,6 +71,17 @@ def validate_messages(messages: list[dict]) -> None:
         raise RecordError("role_order", "the last message must be from the assistant")
 
 
+def rename_fields(record: dict, fields: dict[str, str]) -> dict:
+    """The record with its own field names mapped to dstune's (`data.fields`: dstune name -> file's name)."""
+    if not fields or not isinstance(record, dict):
+        return record
+    record = dict(record)
+    for ours, theirs in fields.items():
+        if theirs in record:
+            record[ours] = record.pop(theirs)
+    return record
+
+
 def to_messages(record: dict) -> list[dict]:
     """Normalise one record of any supported form to chat messages (ValueError if it fits none)."""
     if not isinstance(record, dict):
@@ -85,28 +96,36 @@ def to_messages(record: dict) -> list[dict]:
                 raise RecordError("malformed_record", f"field {key!r} has the wrong shape") from None
             validate_messages(messages)
             return messages
-    raise RecordError("unknown_form", f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)}")
+    raise RecordError("unknown_form", f"unknown record form: expected one of the fields {sorted(RECORD_FORMS)} "
+                                      "or 'text' (see data.fields to map other names)")
 
 
-def to_sample(record: dict, location: str) -> dict:
-    """A dataset sample from a raw record: id (default: its location), messages and meta (with task and source)."""
-    messages = to_messages(record)
+def to_sample(record: dict, location: str, fields: dict[str, str] | None = None) -> dict:
+    """A dataset sample from a raw record: id (default: its location), then messages or, for continued
+    pre-training, raw `text`; and meta (with task and source)."""
+    record = rename_fields(record, fields or {})
+    if isinstance(record, dict) and "text" in record and not any(k in record for k in RECORD_FORMS):
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError("empty_field", "empty or non-text 'text'")
+        body = {"text": text}
+    else:
+        body = {"messages": to_messages(record)}
     meta = dict(record["meta"]) if isinstance(record.get("meta"), dict) else {}
     if "task" in record:  # multi-task data: the task name picks e.g. the task prefix
         meta["task"] = str(record["task"])
     meta["source"] = location
-    return {"id": str(record.get("id", location)), "messages": messages, "meta": meta}
+    return {"id": str(record.get("id", location)), **body, "meta": meta}
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, list[dict], dict]]:
-    """Yield (sample id, messages, meta) for each record; a bad line raises an error naming file:line."""
+def read_samples(path: str | Path, fields: dict[str, str] | None = None) -> Iterator[dict]:
+    """Every sample of a file or folder, strictly: a bad record raises an error naming file:line."""
     from .readers import read_records
 
     for raw in read_records(path):
         if raw.reason:
             raise InputError(f"{raw.location}: {raw.detail}")
         try:
-            sample = to_sample(raw.record, raw.location)
+            yield to_sample(raw.record, raw.location, fields)
         except RecordError as exc:
             raise InputError(f"{raw.location}: {exc}") from None
-        yield sample["id"], sample["messages"], sample["meta"]

@@ -1,8 +1,9 @@
 """Quality checks of the data stage: every dropped record is counted by reason, with its file:line.
 
-Unreadable and malformed records are found while reading (see `readers` and `formats.RecordError`); this
-module adds exact and near duplicates (MinHash LSH through `datasketch`), train/dev/test leakage and
-over-long samples, and keeps the books: input = kept + sum of dropped, per split.
+Unreadable and malformed records are found while reading (see `readers` and `formats.RecordError`). This module
+adds over-long samples, exact and near duplicates and train/dev/test leakage, and keeps the books: input = kept +
+sum of dropped, per split. The checks stream: records pass in chunks and only compact keys stay in memory
+(about 100 bytes per kept record), so a million records are checked in well under 2 GB (see docs/data.md).
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 from collections import Counter, defaultdict
+from itertools import islice
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from ..errors import InputError
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _WORD = re.compile(r"\w+", re.UNICODE)
+CHUNK = 4096
+EVAL_SPLITS = ("dev", "test")
 
 
 class DropLog:
@@ -37,7 +45,7 @@ class DropLog:
     def drop(self, split: str, reason: str, location: str, detail: str, problem: bool = True) -> None:
         """Count one dropped record (or, for a problem in strict mode, stop with its location).
 
-        `problem=False` is for drops by design (sampling caps), which strict mode allows.
+        `problem=False` is for drops by design (sampling caps, domain filtering), which strict mode allows.
         """
         message = f"{location}: {detail}"
         if self.strict and problem:
@@ -51,7 +59,7 @@ class DropLog:
         self.changed[split][what] += 1
 
     def add(self, split: str, what: str, count: int = 1) -> None:
-        """Count records made by the stage (augmented copies); they are not inputs."""
+        """Count records made or mixed in by the stage (augmented copies, replay); they are not inputs."""
         self.added[split][what] += count
 
     def summary(self, written: dict[str, int]) -> dict:
@@ -72,17 +80,20 @@ class DropLog:
 
 
 def record_text(record: dict) -> str:
-    """The text the duplicate and leakage checks compare: every turn's content."""
+    """The text the duplicate, leakage and domain checks compare: a raw text, or every turn's content."""
+    if "text" in record:
+        return record["text"]
     return "\n".join(turn["content"] for turn in record["messages"])
+
+
+def where(record: dict) -> str:
+    """The record's location (file:line) for messages."""
+    return record["meta"].get("source", record["id"])
 
 
 def normalise(text: str) -> str:
     """Case-, width- and whitespace-insensitive form of a text (NFKC folds full-width characters)."""
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
-
-
-def exact_key(text: str) -> str:
-    return hashlib.sha1(normalise(text).encode("utf-8")).hexdigest()
 
 
 def shingles(text: str, n: int = 3) -> set[str]:
@@ -95,82 +106,280 @@ def shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
-class NearDuplicateIndex:
-    """MinHash LSH over shingles: finds an earlier text with estimated Jaccard similarity >= threshold."""
+def lsh_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.9) -> tuple[int, int]:
+    """Bands b and rows r (b * r <= num_perm) that minimise the weighted false positives and negatives.
 
-    def __init__(self, threshold: float, num_perm: int = 64):
-        from datasketch import MinHashLSH
+    Candidates are verified against their signatures, so false positives only cost time: the weight favours
+    recall (datasketch's even weights find only ~40% of the pairs at exactly the threshold).
+    """
+    grid = np.linspace(0.0, 1.0, 401)
+    below, above = grid <= threshold, grid >= threshold
+    best, best_error = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            collide = 1.0 - (1.0 - grid ** r) ** b
+            error = ((1 - false_negative_weight) * np.trapezoid(collide[below], grid[below])
+                     + false_negative_weight * np.trapezoid(1.0 - collide[above], grid[above]))
+            if error < best_error:
+                best, best_error = (b, r), error
+    return best
 
-        self.threshold = threshold
+
+_SHIFT = np.uint64(32)
+
+
+class MinHasher:
+    """MinHash signatures of a batch of texts at once (numpy), with one set of permutations for all.
+
+    datasketch's per-record MinHash and its LSH index ran at 2,600 records/s and held ~2.5 KB per record; batching
+    the permutations over all shingles of a chunk, and keeping band keys in sorted arrays, is what lets a
+    million records through on a laptop (docs/data.md).
+    """
+
+    def __init__(self, num_perm: int = 64, seed: int = 1):
+        rng = np.random.RandomState(seed)
+        # Multiply-shift hashing (Dietzfelbinger): odd a, any b, keep the top 32 bits of a*x + b mod 2^64.
+        self.a = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64)
         self.num_perm = num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.count = 0
 
-    def signature(self, text: str):
-        from datasketch import MinHash
+    def signatures(self, texts: list[str], max_cells: int = 1 << 20) -> np.ndarray:
+        """(len(texts), num_perm) uint64 signatures of the texts' shingle sets."""
+        sets = [shingles(t) for t in texts]
+        sizes = np.fromiter((len(x) for x in sets), dtype=np.int64, count=len(sets))
+        flat = np.fromiter((zlib.crc32(s.encode("utf-8")) for x in sets for s in x), dtype=np.uint64,
+                           count=int(sizes.sum()))
+        ends = np.cumsum(sizes)
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint64)
+        start = 0
+        while start < len(texts):  # slices of about max_cells shingle x permutation values
+            first = ends[start] - sizes[start]
+            stop = max(start + 1, int(np.searchsorted(ends, first + max_cells // self.num_perm, side="right")))
+            with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+                permuted = (flat[first:ends[stop - 1], None] * self.a + self.b) >> _SHIFT
+            out[start:stop] = np.minimum.reduceat(permuted, ends[start:stop] - sizes[start:stop] - first, axis=0)
+            start = stop
+        return out
 
-        minhash = MinHash(num_perm=self.num_perm)
-        minhash.update_batch([s.encode("utf-8") for s in shingles(text)])
-        return minhash
 
-    def query(self, signature) -> str | None:
-        """The key of a near-duplicate already in the index, or None."""
-        found = self.lsh.query(signature)
-        return min(found) if found else None
+class SortedKeys:
+    """uint64 keys in a sorted array with the ordinal of the record each came from; grows chunk by chunk."""
 
-    def add(self, key: str, signature) -> None:
-        self.lsh.insert(key, signature)
-        self.count += 1
+    def __init__(self):
+        self.keys = np.empty(0, dtype=np.uint64)
+        self.ordinals = np.empty(0, dtype=np.int32)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The ordinal stored for each key, or -1."""
+        if not len(self.keys):
+            return np.full(len(keys), -1, dtype=np.int32)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.ordinals[pos], -1)
+
+    def insert(self, keys: np.ndarray, ordinals: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        keys, ordinals = keys[order], ordinals[order]
+        pos = np.searchsorted(self.keys, keys, side="right")  # after equal keys: lookups find the first record
+        self.keys = np.insert(self.keys, pos, keys)
+        self.ordinals = np.insert(self.ordinals, pos, ordinals)
 
 
-def deduplicate(records: list[dict], split: str, log: DropLog, mode: str, threshold: float) -> list[dict]:
-    """Drop later copies of a record (exact after normalisation; near by MinHash when mode is `near`)."""
-    if mode == "none":
-        return records
-    exact: dict[str, str] = {}
-    near = NearDuplicateIndex(threshold) if mode == "near" else None
-    kept = []
-    for record in records:
-        text, where = record_text(record), record["meta"]["source"]
-        key = exact_key(text)
-        if key in exact:
-            log.drop(split, "duplicate_exact", where, f"same text as {exact[key]}")
-            continue
-        if near is not None:
-            signature = near.signature(text)
-            match = near.query(signature)
-            if match is not None:
-                log.drop(split, "duplicate_near", where, f"near-duplicate of {match}")
+def exact_keys(texts: list[str]) -> np.ndarray:
+    """64-bit keys of the normalised texts."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(normalise(t).encode("utf-8"), digest_size=8).digest(), "little")
+                        for t in texts), dtype=np.uint64, count=len(texts))
+
+
+class TextIndex:
+    """Exact (normalised text) and, in mode `near`, MinHash LSH keys of the texts added so far, with locations.
+
+    Near candidates from the LSH bands are verified: the share of equal signature values (an estimate of the
+    Jaccard similarity of the shingle sets) must reach the threshold.
+    """
+
+    def __init__(self, mode: str, threshold: float, num_perm: int = 128):
+        self.mode = mode
+        self.threshold = threshold
+        self.exact = SortedKeys()
+        self.locations: list[str] = []
+        if mode == "near":
+            self.hasher = MinHasher(num_perm)
+            self.bands, self.rows = lsh_bands(threshold, num_perm)
+            self.near = [SortedKeys() for _ in range(self.bands)]
+            # The low 16 bits of each value suffice to compare signatures (a chance match is 1 in 65,536).
+            # Rows [0, count) are in use; the buffer doubles when full, so appending is amortised O(1).
+            self._signatures = np.empty((CHUNK, num_perm), dtype=np.uint16)
+
+    @property
+    def signatures(self) -> np.ndarray:
+        return self._signatures[: len(self.locations)]
+
+    def keys(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Exact keys (n,), band keys (n, bands) and 16-bit signatures (n, num_perm) of the texts."""
+        if self.mode != "near":
+            return exact_keys(texts), None, None
+        full = self.hasher.signatures(texts)
+        sig = full[:, : self.bands * self.rows].reshape(len(texts), self.bands, self.rows)
+        band = np.zeros((len(texts), self.bands), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for row in range(self.rows):  # FNV-style mixing of the band's rows into one 64-bit key
+                band = (band * np.uint64(0x100000001B3)) ^ sig[:, :, row]
+        return exact_keys(texts), band, full.astype(np.uint16)
+
+    def add(self, texts: list[str], locations: list[str], keys=None) -> None:
+        """Index texts without checking them (the eval splits, for the leakage check)."""
+        self._insert(*(keys or self.keys(texts)), np.arange(len(texts)), locations)
+
+    def _insert(self, exact, band, sigs, rows, locations: list[str]) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        start = len(self.locations)
+        ordinals = np.arange(start, start + len(rows), dtype=np.int32)
+        self.exact.insert(exact[rows], ordinals)
+        if band is not None:
+            for j, keys in enumerate(self.near):
+                keys.insert(band[rows, j], ordinals)
+            if start + len(rows) > len(self._signatures):
+                grown = np.empty((max(2 * len(self._signatures), start + len(rows)), self.hasher.num_perm),
+                                 dtype=np.uint16)
+                grown[:start] = self._signatures[:start]
+                self._signatures = grown
+            self._signatures[start:start + len(rows)] = sigs[rows]
+        self.locations += locations
+
+    def match(self, texts: list[str], locations: list[str], add: bool, keys=None) -> list[tuple[str, str] | None]:
+        """("exact" or "near", location of the earlier text) or None per text.
+
+        With `add`, texts without a match join the index, so later texts of the same batch are checked
+        against them too (the first copy is kept, as it would be one record at a time). `keys` are the texts'
+        `keys()` when the caller has them already (an index of the same mode and threshold made them).
+        """
+        exact, band, sigs = keys or self.keys(texts)
+        found_exact = self.exact.lookup(exact).tolist()
+        found_near = self._indexed_near(band, sigs).tolist() if band is not None else [-1] * len(texts)
+        exact_list = exact.tolist()
+        band_list = band.tolist() if band is not None else None
+        batch_exact: dict[int, int] = {}
+        batch_bands: list[dict[int, int]] = [{} for _ in range(self.bands if band is not None else 0)]
+        results, fresh = [], []
+        for i in range(len(texts)):
+            hit = None
+            if found_exact[i] >= 0:
+                hit = ("exact", self.locations[found_exact[i]])
+            elif exact_list[i] in batch_exact:
+                hit = ("exact", locations[batch_exact[exact_list[i]]])
+            elif found_near[i] >= 0:
+                hit = ("near", self.locations[found_near[i]])
+            elif band_list is not None:
+                batch = sorted({b[k] for b, k in zip(batch_bands, band_list[i]) if k in b})
+                if batch and (similar := self._similar(sigs[i], sigs[batch])) is not None:
+                    hit = ("near", locations[batch[similar]])
+            results.append(hit)
+            if hit is None and add:
+                fresh.append(i)
+                batch_exact[exact_list[i]] = i
+                if band_list is not None:
+                    for b, k in zip(batch_bands, band_list[i]):
+                        b.setdefault(k, i)
+        if add and fresh:
+            self._insert(exact, band, sigs, fresh, [locations[i] for i in fresh])
+        return results
+
+    def _indexed_near(self, band: np.ndarray, sigs: np.ndarray) -> np.ndarray:
+        """Per text, the earliest indexed text that shares a band and passes verification, or -1."""
+        best = np.full(len(band), np.iinfo(np.int32).max, dtype=np.int64)
+        for j, keys in enumerate(self.near):
+            candidate = keys.lookup(band[:, j])
+            rows = np.flatnonzero(candidate >= 0)
+            if not len(rows):
                 continue
-            near.add(where, signature)
-        exact[key] = where
-        kept.append(record)
-    return kept
+            similarity = (self.signatures[candidate[rows]] == sigs[rows]).mean(axis=1)
+            passing = rows[similarity >= self.threshold]
+            best[passing] = np.minimum(best[passing], candidate[passing])
+        return np.where(best == np.iinfo(np.int32).max, -1, best)
+
+    def _similar(self, signature: np.ndarray, candidates: np.ndarray) -> int | None:
+        """Index of the first candidate whose estimated Jaccard similarity reaches the threshold, or None."""
+        similarity = (candidates == signature).mean(axis=1)
+        passing = np.flatnonzero(similarity >= self.threshold)
+        return int(passing[0]) if len(passing) else None
 
 
-def remove_leakage(splits: dict[str, list[dict]], log: DropLog, mode: str, threshold: float) -> None:
-    """Drop training records that also appear, exactly or nearly, in dev or test; the eval splits stay fixed."""
-    if mode == "none" or not splits.get("train"):
-        return
-    exact: dict[str, str] = {}
-    near = NearDuplicateIndex(threshold) if mode == "near" else None
-    for split in ("dev", "test"):
-        for record in splits.get(split) or []:
-            text, where = record_text(record), record["meta"]["source"]
-            exact.setdefault(exact_key(text), where)
-            if near is not None:
-                near.add(where, near.signature(text))
-    kept = []
-    for record in splits["train"]:
-        text, where = record_text(record), record["meta"]["source"]
-        match = exact.get(exact_key(text))
-        if match is not None:
-            log.drop("train", "leak_exact", where, f"same text as eval record {match}")
-            continue
-        if near is not None:
-            match = near.query(near.signature(text))
-            if match is not None:
-                log.drop("train", "leak_near", where, f"near-duplicate of eval record {match}")
+def chunked(records: Iterable[dict], size: int = CHUNK) -> Iterator[list[dict]]:
+    """Lists of up to `size` records."""
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+LengthFn = Callable[[list[dict]], list[int]]
+
+
+class QualityChecks:
+    """The per-record checks, run on each split as a stream: over-length, duplicates, then leakage.
+
+    Run the eval splits first: their kept records make the index that training records are checked against.
+    """
+
+    def __init__(self, options, log: DropLog, lengths: LengthFn | None, max_length: int):
+        self.options = options
+        self.log = log
+        self.lengths = lengths
+        self.max_length = max_length
+        self.eval_index = TextIndex(options.leakage, options.near_threshold) if options.leakage != "none" else None
+
+    def run(self, split: str, records: Iterable[dict]) -> Iterator[dict]:
+        """The records of one split that pass every check; the others are counted in the log."""
+        options = self.options
+        dedup = TextIndex(options.dedup, options.near_threshold) if options.dedup != "none" else None
+        for chunk in chunked(records):
+            chunk = self.check_lengths(split, chunk)
+            if not chunk:
                 continue
-        kept.append(record)
-    splits["train"] = kept
+            texts, places = [record_text(r) for r in chunk], [where(r) for r in chunk]
+            # One set of keys serves both indexes when they compare the same way.
+            keys = dedup.keys(texts) if dedup is not None else None
+            shared = keys if dedup is not None and options.dedup == options.leakage else None
+            if dedup is not None:
+                hits = dedup.match(texts, places, add=True, keys=keys)
+                kept = [i for i, hit in enumerate(hits) if hit is None]
+                self._drop_hits(split, chunk, hits, "duplicate", "same text as {}", "near-duplicate of {}")
+                chunk, texts, places = [chunk[i] for i in kept], [texts[i] for i in kept], [places[i] for i in kept]
+                shared = None if shared is None else tuple(None if k is None else k[kept] for k in shared)
+            if self.eval_index is not None and chunk:
+                if split in EVAL_SPLITS:
+                    self.eval_index.add(texts, places, keys=shared)
+                else:
+                    hits = self.eval_index.match(texts, places, add=False, keys=shared)
+                    chunk = self._drop_hits(split, chunk, hits, "leak", "same text as eval record {}",
+                                            "near-duplicate of eval record {}")
+            yield from chunk
+
+    def _drop_hits(self, split, chunk, hits, reason, exact_message, near_message) -> list[dict]:
+        kept = []
+        for record, hit in zip(chunk, hits):
+            if hit is None:
+                kept.append(record)
+            else:
+                kind, other = hit
+                message = exact_message if kind == "exact" else near_message
+                self.log.drop(split, f"{reason}_{kind}", where(record), message.format(other))
+        return kept
+
+    def check_lengths(self, split: str, chunk: list[dict]) -> list[dict]:
+        """Drop, count as truncated, or refuse samples over max_length tokens; kept ones get meta.tokens."""
+        if self.lengths is None:
+            return chunk
+        kept = []
+        for record, length in zip(chunk, self.lengths(chunk)):
+            record["meta"]["tokens"] = length
+            if length <= self.max_length:
+                kept.append(record)
+            elif self.options.overlong == "raise":
+                raise InputError(f"{where(record)}: {length} tokens, over data.max_length={self.max_length} "
+                                 "(data.quality.overlong=raise)")
+            elif self.options.overlong == "truncate":
+                self.log.change(split, "truncated")
+                kept.append(record)
+            else:
+                self.log.drop(split, "over_length", where(record), f"{length} tokens > data.max_length={self.max_length}")
+        return kept

@@ -18,6 +18,14 @@ class ChatTemplate:
     render: Callable[[list[dict], bool], Segments]
     # The text that closes an assistant turn; it must be supervised so the model learns to stop.
     end_of_turn: str
+    # The whole conversation as one text, when that is cheaper than joining the segments (Jinja templates).
+    full_text: Callable[[list[dict]], str] | None = None
+
+    def conversation_text(self, messages: list[dict]) -> str:
+        """The rendered conversation (what training tokenizes)."""
+        if self.full_text is not None:
+            return self.full_text(messages)
+        return "".join(text for text, _ in self.render(messages, False))
 
     def prompt_text(self, messages: list[dict]) -> str:
         """The prompt for generating the next assistant turn."""
@@ -107,7 +115,7 @@ def tokenizer_template(tokenizer) -> ChatTemplate:
             segments.append((full[len(done):], False))
         return [(text, trainable) for text, trainable in segments if text]
 
-    return ChatTemplate("auto", render, tokenizer.eos_token)
+    return ChatTemplate("auto", render, tokenizer.eos_token, lambda messages: apply(messages, False))
 
 
 def get_template(name: str, tokenizer) -> ChatTemplate:

@@ -17,6 +17,17 @@ class EncodedSample:
     sample_id: str
     input_ids: list[int]
     labels: list[int]
+    # Raw text for continued pre-training: every token is supervised, and it ends with EOS, not end-of-turn.
+    raw_text: bool = False
+
+
+def encode_text(tokenizer, text: str, sample_id: str, max_length: int) -> EncodedSample:
+    """Continued pre-training: the text and EOS, every token supervised."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return EncodedSample(sample_id, ids, list(ids), raw_text=True)
 
 
 def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict], sample_id: str,
@@ -54,7 +65,7 @@ def audit_labels(samples: list[EncodedSample], tokenizer, template: ChatTemplate
                 f"sample {sample.sample_id}: no supervised token after the label mask "
                 f"(is the assistant turn cut by data.max_length={max_length}?)"
             )
-        if supervised[-1] != eot and eot not in supervised[-2:]:
+        if not sample.raw_text and supervised[-1] != eot and eot not in supervised[-2:]:
             raise InputError(
                 f"sample {sample.sample_id}: its end-of-turn token {template.end_of_turn!r} is not supervised "
                 f"(cut by data.max_length={max_length}, or the template does not close assistant turns)"

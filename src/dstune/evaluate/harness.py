@@ -24,7 +24,8 @@ def record_tasks(records: list[dict]) -> list[str]:
 
 def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dict], metrics: list[str],
                      batch_size: int = 32, max_new_tokens: int = 16, progress: str | None = None) -> dict:
-    """Score the model's answers to the last assistant turn of each record."""
+    """Score the model's answers to the last assistant turn of each record (raw-text records have none)."""
+    records = [r for r in records if "messages" in r]
     prompts = [r["messages"][:-1] for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     tasks = record_tasks(records) if getattr(model, "prefix_tasks", None) else None

@@ -16,7 +16,7 @@ from transformers.integrations import TensorBoardCallback
 from ..config import Recipe
 from ..data.build import load_split
 from ..data.templates import ChatTemplate, get_template
-from ..data.tokenize import audit_labels, encode_conversation
+from ..data.tokenize import audit_labels, encode_conversation, encode_text
 from ..errors import InputError
 from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
@@ -36,7 +36,8 @@ class DstuneTrainer(Trainer):
                  **kwargs):
         self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
-        self.dev_records = dev_records or []
+        # Generation metrics score chat records; raw-text records count in the dev loss only.
+        self.dev_records = [r for r in dev_records or [] if "messages" in r]
         self.template = template
         self.eval_metrics = list(eval_metrics)
         self.generation_batch_size = generation_batch_size
@@ -123,7 +124,8 @@ class TrainResult:
 
 def encode_records(records, tokenizer, template, max_length, with_tasks: bool = False):
     """Encoded samples (input_ids and labels, and the task when asked) of a split, after the label-mask audit."""
-    samples = [encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length) for r in records]
+    samples = [encode_text(tokenizer, r["text"], str(r["id"]), max_length) if "text" in r
+               else encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length) for r in records]
     audit_labels(samples, tokenizer, template, max_length)
     encoded = [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
     if with_tasks:
@@ -132,8 +134,8 @@ def encode_records(records, tokenizer, template, max_length, with_tasks: bool = 
     return encoded
 
 
-def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool) -> TrainingArguments:
-    """TrainingArguments from the recipe's train section."""
+def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool, chat_dev: bool = True) -> TrainingArguments:
+    """TrainingArguments from the recipe's train section (without chat dev records, the dev loss picks the best)."""
     cfg = recipe.train
     evaluate = has_dev and cfg.eval_steps > 0
     return TrainingArguments(
@@ -156,8 +158,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool) -> Train
         save_steps=cfg.eval_steps if evaluate else 500,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=evaluate,
-        metric_for_best_model=cfg.metric if evaluate else None,
-        greater_is_better=True,
+        metric_for_best_model=(cfg.metric if chat_dev else "loss") if evaluate else None,
+        greater_is_better=chat_dev,
         prediction_loss_only=True,
         remove_unused_columns=False,
         report_to="none",
@@ -196,7 +198,7 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         model.init_from_activations(torch.tensor(text[:4 * recipe.data.max_length]))
     trainable, total = model.get_nb_trainable_parameters()
     run_dir = recipe.run_dir
-    args = training_arguments(recipe, run_dir / "checkpoints", bool(dev_set))
+    args = training_arguments(recipe, run_dir / "checkpoints", bool(dev_set), any("messages" in r for r in dev_records))
     timer = StepTimer()
     callbacks = [timer]
     if args.load_best_model_at_end and recipe.train.early_stopping_patience > 0:
