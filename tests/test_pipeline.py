@@ -73,3 +73,14 @@ def test_throughput_excludes_dev_evaluation(tiny_recipe):
     expected = summary["tokens"] / step_seconds
     rounding = expected * 0.01 / step_seconds + 0.01  # both times are rounded to 0.01 s
     assert abs(summary["tokens_per_second"] - expected) <= rounding
+
+
+def test_eval_gives_the_same_answers_on_adapter_and_merged_directory(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 3}, eval={"bootstrap_samples": 50}))
+    trained = api.train(recipe)
+    merged = api.merge(recipe, adapter=trained.adapter_dir)
+    on_adapter = api.evaluate(recipe, adapter=trained.adapter_dir)
+    on_merged = api.evaluate(recipe, model=merged)
+    # fp32 merge: the same weights, so the same greedy answers and the same scores and CIs.
+    assert [p["got"] for p in on_adapter["predictions"]] == [p["got"] for p in on_merged["predictions"]]
+    assert on_adapter["metrics"] == on_merged["metrics"] and on_adapter["ci"] == on_merged["ci"]

@@ -8,9 +8,10 @@ from pathlib import Path
 from .config import Recipe, load_recipe
 from .data.build import build_dataset, load_split
 from .data.templates import get_template
-from .errors import InputError
+from .errors import GateError, InputError
 from .evaluate.generate import generate
-from .evaluate.harness import evaluate_records, write_eval
+from .evaluate.harness import write_eval
+from .evaluate.tiers import compare, evaluate_tiers
 from .evaluate.report import build_report, metrics_table, write_report
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
@@ -63,9 +64,7 @@ def _eval_on_test(recipe: Recipe, model, tokenizer, tag: str) -> dict | None:
         return None
     if recipe.eval.max_samples is not None:
         records = records[: recipe.eval.max_samples]
-    template = get_template(recipe.model.template, tokenizer)
-    result = evaluate_records(model, tokenizer, template, records, recipe.eval.metrics, recipe.eval.batch_size,
-                              recipe.eval.max_new_tokens, progress=f"eval {tag}")
+    result = evaluate_tiers(recipe, model, tokenizer, records, progress=f"eval {tag}")
     write_eval(result, recipe.run_dir / "eval" / f"{tag}.json")
     return result
 
@@ -149,8 +148,15 @@ def run(recipe, overrides: list[str] | None = None) -> dict:
     print("dstune: [6/6] writing the report", flush=True)
     artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
                  "tensorboard": str(run_dir / "tb")}
-    report = build_report(recipe.name, base, tuned, trained.summary, artifacts)
+    comparison = compare(base, tuned, recipe) if base and tuned else {}
+    report = build_report(recipe.name, base, tuned, trained.summary, artifacts, comparison)
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
+    gate = comparison.get("retention")
+    if gate and gate["passed"] is False:
+        raise GateError(f"general ability retention {gate['worst']} < eval.general.min_retention="
+                        f"{gate['min_retention']} (accuracy {base['general']['accuracy']:.4f} -> "
+                        f"{tuned['general']['accuracy']:.4f}, perplexity {base['general']['perplexity']:.2f} -> "
+                        f"{tuned['general']['perplexity']:.2f}); report: {report_path}")
     return report

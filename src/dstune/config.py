@@ -259,13 +259,33 @@ class TrainConfig(StrictModel):
         return self.lr_fraction * self.pretrain_learning_rate
 
 
+class GeneralEvalConfig(StrictModel):
+    """Tier 1, general capability kept: general exact match and perplexity, base vs tuned."""
+
+    enabled: bool = False
+    # General instruction records (any record form); None: the set that ships with dstune.
+    file: str | None = None
+    # General text for perplexity; None: the text that ships with dstune (English and Chinese).
+    text_file: str | None = None
+    # An even spread of this many records (the shipped set has 400).
+    max_samples: int | None = Field(200, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    # The gate: the run fails with exit code 3 when a retention (tuned / base) falls below this.
+    min_retention: float | None = Field(None, gt=0.0)
+
+
 class EvalConfig(StrictModel):
-    """Generation-based evaluation of a model on the test split."""
+    """Generation-based evaluation of a model on the test split, in three tiers."""
 
     batch_size: int = 32
     max_new_tokens: int = 16
+    # Tier 2, domain metrics (dstune.evaluate.metrics registry), each with a bootstrap 95% CI.
     metrics: list[str] = ["exact_match"]
     max_samples: int | None = None
+    bootstrap_samples: int = Field(1000, ge=0)
+    general: GeneralEvalConfig = GeneralEvalConfig()
+    # Tier 3, business checks: [{kind: json_schema|required_fields|regex|verifier, ...options}].
+    checks: list[dict] = []
 
 
 class Recipe(StrictModel):

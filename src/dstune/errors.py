@@ -11,3 +11,9 @@ class InputError(DstuneError):
     """Bad input: a recipe key, a data file line, a missing path (exit code 2)."""
 
     exit_code = 2
+
+
+class GateError(DstuneError):
+    """A quality gate failed, e.g. general ability retention below the recipe's minimum (exit code 3)."""
+
+    exit_code = 3

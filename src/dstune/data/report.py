@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
+
+from ..htmlreport import figure_png, markdown_html, pyplot
 
 SPLIT_ORDER = ("train", "dev", "test", "replay", "unsplit")
 
@@ -94,20 +93,8 @@ def report_markdown(name: str, manifest: dict) -> str:
 
 def plot_pngs(manifest: dict) -> dict[str, bytes]:
     """PNG plots: token lengths per split, domain scores with the threshold, drops by reason."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pngs = {}
-
-    def save(name: str, fig) -> None:
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
-        pngs[name] = buffer.getvalue()
-
     lengths = manifest.get("lengths", {})
     if lengths:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -117,7 +104,7 @@ def plot_pngs(manifest: dict) -> dict[str, bytes]:
         ax.axvline(manifest["max_length"], color="k", linestyle="--", linewidth=1, label="max_length")
         ax.set(xlabel="tokens (with the chat template)", ylabel="fraction of samples", title="Sample lengths")
         ax.legend()
-        save("lengths", fig)
+        pngs["lengths"] = figure_png(fig)
     adv = manifest.get("adversarial")
     if adv:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -127,7 +114,7 @@ def plot_pngs(manifest: dict) -> dict[str, bytes]:
             ax.legend()
         ax.set(xlabel="domain score (out-of-fold P(reference))", ylabel="training records",
                title=f"Adversarial validation, AUC {adv['auc']}")
-        save("domain_scores", fig)
+        pngs["domain_scores"] = figure_png(fig)
     drops = {}
     for split, row in manifest["quality"]["splits"].items():
         for reason, count in row["dropped"].items():
@@ -137,43 +124,8 @@ def plot_pngs(manifest: dict) -> dict[str, bytes]:
         names = sorted(drops, key=drops.get)
         ax.barh(names, [drops[n] for n in names])
         ax.set(xlabel="records dropped", title="Drops by reason")
-        save("drops", fig)
+        pngs["drops"] = figure_png(fig)
     return pngs
-
-
-def report_html(name: str, manifest: dict, pngs: dict[str, bytes]) -> str:
-    """A self-contained HTML page: the markdown report's content, with the plots inline."""
-    body = []
-    in_table = False
-    for line in report_markdown(name, manifest).splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            tag = "th" if not in_table else "td"
-            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells)
-                        + "</tr>")
-            in_table = True
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    figures = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
-                      f"<figcaption>{n}</figcaption></figure>" for n, p in pngs.items())
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px}figure{display:inline-block;margin:8px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Data report: {html.escape(name)}</title>"
-            f"<style>{style}</style></head><body>{body[0]}{figures}{''.join(body[1:])}</body></html>\n")
 
 
 def write_reports(out: Path, name: str, manifest: dict) -> None:
@@ -185,4 +137,5 @@ def write_reports(out: Path, name: str, manifest: dict) -> None:
     plots.mkdir(exist_ok=True)
     for plot, png in pngs.items():
         (plots / f"{plot}.png").write_bytes(png)
-    (out / "report.html").write_text(report_html(name, manifest, pngs), encoding="utf-8")
+    (out / "report.html").write_text(markdown_html(f"Data report: {name}", report_markdown(name, manifest), pngs),
+                                     encoding="utf-8")

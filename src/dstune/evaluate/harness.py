@@ -38,7 +38,8 @@ def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dic
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.new_tokens / max(result.seconds, 1e-9), 2),
         "predictions": [
-            {"id": r["id"], "expected": ref, "got": got} for r, ref, got in zip(records, references, result.texts)
+            {"id": r["id"], "input": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
+             "expected": ref, "got": got} for r, ref, got in zip(records, references, result.texts)
         ],
     }
 

@@ -1,4 +1,4 @@
-"""The run report: report.json (machine-readable) and report.md (for people)."""
+"""The run report: report.json (machine-readable, schema dstune.report/2), report.md and report.html (with plots)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 import transformers
+
+from ..htmlreport import figure_png, markdown_html, pyplot
 
 
 def cpu_name() -> str:
@@ -21,24 +23,43 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _tiers(result: dict | None) -> dict | None:
+    """The tier-1 and tier-3 figures of one evaluation, without the per-sample lists."""
+    if not result:
+        return None
+    out = {}
+    if "general" in result:
+        out["general"] = {k: v for k, v in result["general"].items() if k != "predictions"}
+    if "checks" in result:
+        out["checks"] = {k: v for k, v in result["checks"].items() if k not in ("completed", "failures")}
+    return out
+
+
 def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_summary: dict | None,
-                 artifacts: dict) -> dict:
-    """Base vs tuned metrics, training cost and artifact paths in one dictionary."""
+                 artifacts: dict, comparison: dict | None = None) -> dict:
+    """Base vs tuned on the three tiers, training cost and artifact paths in one dictionary (schema dstune.report/2)."""
+    comparison = comparison or {}
     metrics = sorted(set((base or {}).get("metrics", {})) | set((tuned or {}).get("metrics", {})))
-    comparison = {}
+    rows = {}
     for name in metrics:
         before = (base or {}).get("metrics", {}).get(name)
         after = (tuned or {}).get("metrics", {}).get(name)
         delta = after - before if before is not None and after is not None else None
-        comparison[name] = {"base": before, "tuned": after, "delta": delta}
+        rows[name] = {"base": before, "tuned": after, "delta": delta,
+                      "base_ci": _ci((base or {}).get("ci", {}).get(name)),
+                      "tuned_ci": _ci((tuned or {}).get("ci", {}).get(name)),
+                      "paired": comparison.get("paired", {}).get(name)}
     training = None
     if train_summary:
         keys = ("method", "trainable_parameters", "total_parameters", "trainable_percent", "learning_rate", "optimizer_steps",
                 "epochs", "train_seconds", "dev_eval_seconds", "tokens", "supervised_tokens", "tokens_per_second",
                 "supervised_tokens_per_second", "best_metric", "train_loss")
         training = {k: train_summary.get(k) for k in keys}
+        history = train_summary.get("log_history") or []
+        training["loss_curve"] = [[e["step"], e["loss"]] for e in history if "loss" in e and "step" in e]
+        training["dev_loss_curve"] = [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e]
     return {
-        "schema": "dstune.report/1",
+        "schema": "dstune.report/2",
         "recipe": recipe_name,
         "machine": {
             "cpu": cpu_name(),
@@ -46,7 +67,11 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "metrics": comparison,
+        "metrics": rows,
+        "general": {"base": (_tiers(base) or {}).get("general"), "tuned": (_tiers(tuned) or {}).get("general"),
+                    "retention": comparison.get("retention")},
+        "checks": {"base": (_tiers(base) or {}).get("checks"), "tuned": (_tiers(tuned) or {}).get("checks")},
+        "errors": _errors(tuned or base),
         "test_samples": (tuned or base or {}).get("samples"),
         "training": training,
         "eval_tokens_per_second": {
@@ -54,6 +79,18 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         },
         "artifacts": artifacts,
     }
+
+
+def _errors(result: dict | None, limit: int = 20) -> list[dict]:
+    """The first answers that are not exact matches: input, expected and got."""
+    from .metrics import exact_match
+
+    wrong = [p for p in (result or {}).get("predictions", []) if not exact_match([p["got"]], [p["expected"]])]
+    return [{k: p.get(k) for k in ("id", "input", "expected", "got")} for p in wrong[:limit]]
+
+
+def _ci(ci: dict | None) -> list[float] | None:
+    return None if ci is None else [ci["low"], ci["high"]]
 
 
 def _fmt(value) -> str:
@@ -64,11 +101,41 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _with_ci(value, ci) -> str:
+    return _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def metrics_table(report: dict) -> str:
-    """A markdown table of base vs tuned metrics."""
-    lines = ["| metric | base | tuned | delta |", "|---|---|---|---|"]
+    """Markdown tables of the three tiers, base vs tuned (domain metrics with 95% CIs and a paired test)."""
+    lines = ["| tier 2: domain metric | base [95% CI] | tuned [95% CI] | delta | paired bootstrap |",
+             "|---|---|---|---|---|"]
     for name, row in report["metrics"].items():
-        lines.append(f"| {name} | {_fmt(row['base'])} | {_fmt(row['tuned'])} | {_fmt(row['delta'])} |")
+        paired = row.get("paired")
+        verdict = "-" if not paired else (f"{'significant' if paired['significant'] else 'not significant'} "
+                                          f"(p={paired['p_value']:.3f})")
+        lines.append(f"| {name} | {_with_ci(row['base'], row.get('base_ci'))} | "
+                     f"{_with_ci(row['tuned'], row.get('tuned_ci'))} | {_fmt(row['delta'])} | {verdict} |")
+    general = report.get("general") or {}
+    if general.get("base") or general.get("tuned"):
+        b, t, r = general.get("base") or {}, general.get("tuned") or {}, general.get("retention") or {}
+        gate = r.get("passed")
+        verdict = "no gate" if gate is None else ("passed" if gate else "FAILED")
+        lines += ["", "| tier 1: general | base | tuned | retention |", "|---|---|---|---|",
+                  f"| exact match ({b.get('samples', '-')} questions) | {_fmt(b.get('accuracy'))} | "
+                  f"{_fmt(t.get('accuracy'))} | {_fmt(r.get('accuracy'))} |",
+                  f"| perplexity ({b.get('perplexity_tokens', '-')} tokens) | {_fmt(b.get('perplexity'))} | "
+                  f"{_fmt(t.get('perplexity'))} | {_fmt(r.get('perplexity'))} |",
+                  "", f"General retention gate (min {_fmt(r.get('min_retention'))}): {verdict}, "
+                      f"worst retention {_fmt(r.get('worst'))}."]
+    checks = report.get("checks") or {}
+    if checks.get("base") or checks.get("tuned"):
+        b, t = checks.get("base") or {}, checks.get("tuned") or {}
+        lines += ["", "| tier 3: business check | base | tuned |", "|---|---|---|"]
+        for name in (t or b)["pass_rates"]:
+            lines.append(f"| {name} | {_fmt(b.get('pass_rates', {}).get(name))} | "
+                         f"{_fmt(t.get('pass_rates', {}).get(name))} |")
+        lines.append(f"| **completion rate** (all pass) | {_fmt(b.get('completion_rate'))} | "
+                     f"{_fmt(t.get('completion_rate'))} |")
     return "\n".join(lines)
 
 
@@ -90,10 +157,63 @@ def write_report(report: dict, run_dir: Path) -> Path:
             f"- best dev metric: {t['best_metric']}",
             "",
         ]
+    if report.get("errors"):
+        parts += ["## Errors of the tuned model", "", "| id | input | expected | got |", "|---|---|---|---|"]
+        parts += [f"| {e['id']} | {_cell(e['input'])} | {_cell(e['expected'])} | {_cell(e['got'])} |"
+                  for e in report["errors"]] + [""]
     m = report["machine"]
     parts += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["artifacts"].items() if v]
     parts += ["", f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
               f"transformers {m['transformers']}.", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(parts))
+    markdown = "\n".join(parts)
+    path.write_text(markdown)
+    (run_dir / "report.html").write_text(markdown_html(f"dstune report: {report['recipe']}", markdown,
+                                                       report_pngs(report)), encoding="utf-8")
     return path
+
+
+def _cell(text) -> str:
+    return " ".join(str(text or "").split()).replace("|", "/")[:120]
+
+
+def report_pngs(report: dict) -> dict[str, bytes]:
+    """Plots: loss curves, base vs tuned metrics with 95% CIs, the general retention gate."""
+    plt = pyplot()
+    pngs = {}
+    training = report.get("training") or {}
+    if training.get("loss_curve"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps, losses = zip(*training["loss_curve"])
+        ax.plot(steps, losses, label="training loss")
+        if training.get("dev_loss_curve"):
+            steps, losses = zip(*training["dev_loss_curve"])
+            ax.plot(steps, losses, marker="o", label="dev loss")
+        ax.set(xlabel="optimizer step", ylabel="loss", title="Loss")
+        ax.legend()
+        pngs["loss"] = figure_png(fig)
+    rows = report.get("metrics") or {}
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = list(rows)
+        for k, (side, colour) in enumerate((("base", "tab:gray"), ("tuned", "tab:blue"))):
+            values = [rows[n][side] or 0.0 for n in names]
+            cis = [rows[n].get(f"{side}_ci") or [v, v] for n, v in zip(names, values)]
+            errors = [[v - c[0] for v, c in zip(values, cis)], [c[1] - v for v, c in zip(values, cis)]]
+            ax.bar([i + 0.4 * k for i in range(len(names))], values, width=0.4, yerr=errors, capsize=4,
+                   color=colour, label=side)
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+        ax.set(ylim=(0, 1.05), ylabel="score (95% CI)", title="Domain metrics, base vs tuned")
+        ax.legend()
+        pngs["metrics"] = figure_png(fig)
+    retention = (report.get("general") or {}).get("retention")
+    if retention:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        kinds = [k for k in ("accuracy", "perplexity") if retention.get(k) is not None]
+        ax.bar(kinds, [retention[k] for k in kinds], color="tab:green" if retention["passed"] is not False else "tab:red")
+        if retention.get("min_retention"):
+            ax.axhline(retention["min_retention"], color="k", linestyle="--", label=f"gate {retention['min_retention']}")
+            ax.legend()
+        ax.set(ylabel="tuned / base (perplexity: base / tuned)", title="General ability retention")
+        pngs["retention"] = figure_png(fig)
+    return pngs

@@ -1,0 +1,55 @@
+"""The three evaluation tiers of one model, and base vs tuned: what `dstune eval` and `dstune run` report.
+
+Tier 1: general capability kept (evaluate.general). Tier 2: domain metrics with bootstrap CIs. Tier 3: business
+end-to-end checks (evaluate.checks). Every model is scored on the same records with the same decoding, so any
+two results (base, tuned, merged, an export) compare sample by sample.
+"""
+
+from __future__ import annotations
+
+from ..data.templates import get_template
+from .checks import build_checks, run_checks
+from .general import general_eval, retention
+from .harness import evaluate_records
+from .metrics import METRICS
+from .stats import bootstrap_ci, paired_bootstrap
+
+
+def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str | None = None) -> dict:
+    """Domain metrics (with CIs), business checks and general figures of one model on the test records."""
+    options = recipe.eval
+    template = get_template(recipe.model.template, tokenizer)
+    records = [r for r in records if "messages" in r]
+    checks = build_checks(options.checks)  # bad check options fail before any generation
+    result = evaluate_records(model, tokenizer, template, records, options.metrics, options.batch_size,
+                              options.max_new_tokens, progress)
+    answers = [p["got"] for p in result["predictions"]]
+    references = [p["expected"] for p in result["predictions"]]
+    if options.bootstrap_samples:
+        result["ci"] = {name: bootstrap_ci(METRICS[name], answers, references, options.bootstrap_samples)
+                        for name in options.metrics}
+    if checks:
+        result["checks"] = run_checks(checks, answers, records)
+    if options.general.enabled:
+        result["general"] = general_eval(model, tokenizer, template, options.general, options.batch_size,
+                                         f"{progress} general" if progress else None)
+    return result
+
+
+def compare(base: dict, tuned: dict, recipe) -> dict:
+    """Tuned vs base: a paired bootstrap per domain metric, completion rates, and general retention with the gate."""
+    options = recipe.eval
+    out: dict = {}
+    same = [p["id"] for p in base["predictions"]] == [p["id"] for p in tuned["predictions"]]
+    if same and options.bootstrap_samples:
+        a = [p["got"] for p in base["predictions"]]
+        b = [p["got"] for p in tuned["predictions"]]
+        references = [p["expected"] for p in base["predictions"]]
+        out["paired"] = {name: paired_bootstrap(METRICS[name], a, b, references, options.bootstrap_samples)
+                         for name in options.metrics}
+    if "checks" in base and "checks" in tuned:
+        out["completion_rate"] = {"base": base["checks"]["completion_rate"],
+                                  "tuned": tuned["checks"]["completion_rate"]}
+    if "general" in base and "general" in tuned:
+        out["retention"] = retention(base["general"], tuned["general"], options.general.min_retention)
+    return out
