@@ -91,7 +91,8 @@ def tiny_recipe(tmp_path, tiny_model_dirs, jsonl_dataset):
                      "max_length": 64},
             "train": {"learning_rate": 1e-2, "max_steps": 4, "batch_size": 4, "eval_steps": 0, "logging_steps": 1,
                       "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-            "eval": {"batch_size": 4, "max_new_tokens": 4},
+            # Generation-cache hits would hide what a test measures; tests/evaluate/test_cache.py turns it on.
+            "eval": {"batch_size": 4, "max_new_tokens": 4, "cache": False},
         }
         for key, value in sections.items():
             recipe[key] = {**recipe.get(key, {}), **value}

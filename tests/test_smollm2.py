@@ -11,7 +11,7 @@ from dstune.config import load_recipe
 def test_two_real_steps_on_smollm2(tmp_path):
     recipe = load_recipe("recipes/icd10_lora.yaml", [
         f"output_dir={tmp_path}", "train.max_steps=2", "train.eval_steps=0", "train.batch_size=4",
-        "data.icd10.chapters=[10]", "eval.max_samples=4",
+        "data.icd10.chapters=[10]", "eval.max_samples=4", "eval.general.enabled=false", "eval.cache=false",
     ])
     result = api.train(recipe)
     assert result.summary["optimizer_steps"] == 2

@@ -283,6 +283,8 @@ class EvalConfig(StrictModel):
     metrics: list[str] = ["exact_match"]
     max_samples: int | None = None
     bootstrap_samples: int = Field(1000, ge=0)
+    # Reuse answers this model already gave to the same prompt with the same settings ($DSTUNE_CACHE).
+    cache: bool = True
     general: GeneralEvalConfig = GeneralEvalConfig()
     # Tier 3, business checks: [{kind: json_schema|required_fields|regex|verifier, ...options}].
     checks: list[dict] = []

@@ -48,13 +48,14 @@ def perplexity(model, tokenizer, text: str, window: int = 256) -> dict:
     return {"perplexity": math.exp(nll / max(1, count)), "tokens": count}
 
 
-def general_eval(model, tokenizer, template: ChatTemplate, options, batch_size: int, progress: str | None = None) -> dict:
+def general_eval(model, tokenizer, template: ChatTemplate, options, batch_size: int, progress: str | None = None,
+                 cache=None) -> dict:
     """Tier-1 figures of one model: general exact match (with its predictions) and perplexity."""
     from .harness import evaluate_records
 
     records = general_records(options.file, options.max_samples)
     result = evaluate_records(model, tokenizer, template, records, ["exact_match"], batch_size,
-                              options.max_new_tokens, progress)
+                              options.max_new_tokens, progress, cache)
     text_path = Path(options.text_file) if options.text_file else GENERAL_DIR / "general_text.txt"
     ppl = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"))
     return {"accuracy": result["metrics"]["exact_match"], "samples": result["samples"],

@@ -19,6 +19,8 @@ class Generations:
     texts: list[str]
     new_tokens: int
     seconds: float
+    # Answers read from the generation cache (not counted in new_tokens or seconds).
+    cached: int = 0
 
 
 def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
@@ -32,15 +34,33 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]], batch_size: int = 32,
-             max_new_tokens: int = 64, progress: str | None = None, tasks: list[str] | None = None) -> Generations:
-    """Greedy answers to each conversation's next assistant turn (`tasks`: each one's task, for task prefixes)."""
+             max_new_tokens: int = 64, progress: str | None = None, tasks: list[str] | None = None,
+             cache=None) -> Generations:
+    """Greedy answers to each conversation's next assistant turn (`tasks`: each one's task, for task prefixes).
+
+    With a `GenerationCache`, answers this model already gave to the same prompt and settings are reused.
+    """
     was_training = model.training
     model.eval()
     prompts = [template.prompt_text(c) for c in conversations]
-    # Sorting by length keeps left padding small; answers are put back in input order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     stops = stop_token_ids(tokenizer, template)
+    todo, keys = list(range(len(prompts))), []
+    if cache is not None:
+        from .cache import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+        settings = {"max_new_tokens": max_new_tokens, "greedy": True, "stops": stops}
+        keys = [cache.key(fingerprint, p, {**settings, "task": tasks[i] if tasks else None})
+                for i, p in enumerate(prompts)]
+        found = cache.get_many(keys)
+        for i, key in enumerate(keys):
+            if key in found:
+                texts[i] = found[key][0]
+        todo = [i for i, key in enumerate(keys) if key not in found]
+    generated_tokens: dict[int, int] = {}
+    # Sorting by length keeps left padding small; answers are put back in input order.
+    order = sorted(todo, key=lambda i: len(prompts[i]))
     new_tokens, start = 0, time.perf_counter()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -63,8 +83,12 @@ def generate(model, tokenizer, template: ChatTemplate, conversations: list[list[
                         break
                     keep.append(token)
                 new_tokens += len(keep) + 1
+                generated_tokens[i] = len(keep) + 1
                 texts[i] = tokenizer.decode(keep, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return Generations(texts, new_tokens, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if cache is not None and order:
+        cache.put_many([(keys[i], texts[i], generated_tokens[i]) for i in order])
+    return Generations(texts, new_tokens, seconds, len(prompts) - len(order))

@@ -23,19 +23,21 @@ def record_tasks(records: list[dict]) -> list[str]:
 
 
 def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dict], metrics: list[str],
-                     batch_size: int = 32, max_new_tokens: int = 16, progress: str | None = None) -> dict:
+                     batch_size: int = 32, max_new_tokens: int = 16, progress: str | None = None,
+                     cache=None) -> dict:
     """Score the model's answers to the last assistant turn of each record (raw-text records have none)."""
     records = [r for r in records if "messages" in r]
     prompts = [r["messages"][:-1] for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     tasks = record_tasks(records) if getattr(model, "prefix_tasks", None) else None
-    result = generate(model, tokenizer, template, prompts, batch_size, max_new_tokens, progress, tasks)
+    result = generate(model, tokenizer, template, prompts, batch_size, max_new_tokens, progress, tasks, cache)
     scores = {name: METRICS[name](result.texts, references) for name in metrics}
     return {
         "metrics": scores,
         "samples": len(records),
         "generated_tokens": result.new_tokens,
         "seconds": round(result.seconds, 3),
+        "cached": result.cached,
         "tokens_per_second": round(result.new_tokens / max(result.seconds, 1e-9), 2),
         "predictions": [
             {"id": r["id"], "input": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",

@@ -8,6 +8,7 @@ two results (base, tuned, merged, an export) compare sample by sample.
 from __future__ import annotations
 
 from ..data.templates import get_template
+from .cache import default_cache
 from .checks import build_checks, run_checks
 from .general import general_eval, retention
 from .harness import evaluate_records
@@ -21,8 +22,9 @@ def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str 
     template = get_template(recipe.model.template, tokenizer)
     records = [r for r in records if "messages" in r]
     checks = build_checks(options.checks)  # bad check options fail before any generation
+    cache = default_cache() if options.cache else None
     result = evaluate_records(model, tokenizer, template, records, options.metrics, options.batch_size,
-                              options.max_new_tokens, progress)
+                              options.max_new_tokens, progress, cache)
     answers = [p["got"] for p in result["predictions"]]
     references = [p["expected"] for p in result["predictions"]]
     if options.bootstrap_samples:
@@ -32,7 +34,7 @@ def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str 
         result["checks"] = run_checks(checks, answers, records)
     if options.general.enabled:
         result["general"] = general_eval(model, tokenizer, template, options.general, options.batch_size,
-                                         f"{progress} general" if progress else None)
+                                         f"{progress} general" if progress else None, cache)
     return result
 
 
