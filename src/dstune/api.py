@@ -155,8 +155,10 @@ def run(recipe, overrides: list[str] | None = None) -> dict:
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
     gate = comparison.get("retention")
     if gate and gate["passed"] is False:
-        raise GateError(f"general ability retention {gate['worst']} < eval.general.min_retention="
-                        f"{gate['min_retention']} (accuracy {base['general']['accuracy']:.4f} -> "
-                        f"{tuned['general']['accuracy']:.4f}, perplexity {base['general']['perplexity']:.2f} -> "
-                        f"{tuned['general']['perplexity']:.2f}); report: {report_path}")
+        message = (f"general ability retention {gate['worst']} < eval.general.min_retention={gate['min_retention']} "
+                   f"(accuracy {base['general']['accuracy']:.4f} -> {tuned['general']['accuracy']:.4f}, perplexity "
+                   f"{base['general']['perplexity']:.2f} -> {tuned['general']['perplexity']:.2f}); report: {report_path}")
+        if recipe.eval.general.on_fail == "error":
+            raise GateError(message)
+        print(f"dstune: warning: {message}", flush=True)
     return report

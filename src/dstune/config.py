@@ -270,8 +270,12 @@ class GeneralEvalConfig(StrictModel):
     # An even spread of this many records (the shipped set has 400).
     max_samples: int | None = Field(200, ge=1)
     max_new_tokens: int = Field(16, ge=1)
-    # The gate: the run fails with exit code 3 when a retention (tuned / base) falls below this.
+    # Scores the general answers; contains_answer suits chatty base models ("The capital is Paris.").
+    metric: str = "contains_answer"
+    # The gate: the run fails with exit code 3 when a retention (tuned / base) falls below this...
     min_retention: float | None = Field(None, gt=0.0)
+    # ...or, with warn, says so in the report and on stderr and still succeeds.
+    on_fail: Literal["error", "warn"] = "error"
 
 
 class EvalConfig(StrictModel):
@@ -310,6 +314,7 @@ class Recipe(StrictModel):
         for name in self.eval.metrics:
             _check_choice("eval.metrics", name, METRICS)
         _check_choice("train.metric", self.train.metric, METRICS)
+        _check_choice("eval.general.metric", self.eval.general.metric, METRICS)
         return self
 
     @property

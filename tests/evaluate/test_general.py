@@ -44,7 +44,8 @@ def test_retention_ratios_and_gate():
 def test_run_reports_three_tiers_and_fails_the_gate_with_exit_3(tiny_recipe, tmp_path):
     recipe = tiny_recipe(train={"max_steps": 2}, eval={
         "metrics": ["exact_match"], "bootstrap_samples": 200,
-        "general": {"enabled": True, "max_samples": 8, "max_new_tokens": 4, "min_retention": 5.0},
+        "general": {"enabled": True, "max_samples": 8, "max_new_tokens": 4, "min_retention": 5.0,
+                    "metric": "exact_match"},
         "checks": [{"kind": "regex", "name": "one_word", "pattern": r"\w+"}]})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -66,3 +67,12 @@ def test_run_reports_three_tiers_and_fails_the_gate_with_exit_3(tiny_recipe, tmp
     html = (tmp_path / "runs" / "tiny" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # loss, metrics with CIs, retention
     assert "Errors of the tuned model" in html or not report["errors"]
+
+
+def test_contains_answer_for_chatty_answers():
+    from dstune.evaluate.metrics import contains_answer
+
+    # Paris is in answer 1 as a word; "Parisian" is not the word Paris; 巴黎 is a substring in Chinese.
+    predictions = ["The capital of France is Paris.", "Parisian food", "法国的首都是巴黎。", "8"]
+    references = ["Paris", "Paris", "巴黎", "8"]
+    assert contains_answer(predictions, references) == 0.75

@@ -1,4 +1,5 @@
-"""Tier 1, general capability kept: accuracy on a general instruction set, and perplexity on general text.
+"""Tier 1, general capability kept: accuracy (contains_answer by default) on a general instruction set, and
+perplexity on general text.
 
 Both ship with dstune (src/dstune/data/general/, written by its developers, Apache-2.0) or come from local files.
 Retention is tuned / base for accuracy and base / tuned for perplexity (lower is better), so 1.0 means nothing
@@ -54,11 +55,11 @@ def general_eval(model, tokenizer, template: ChatTemplate, options, batch_size: 
     from .harness import evaluate_records
 
     records = general_records(options.file, options.max_samples)
-    result = evaluate_records(model, tokenizer, template, records, ["exact_match"], batch_size,
+    result = evaluate_records(model, tokenizer, template, records, [options.metric], batch_size,
                               options.max_new_tokens, progress, cache)
     text_path = Path(options.text_file) if options.text_file else GENERAL_DIR / "general_text.txt"
     ppl = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"))
-    return {"accuracy": result["metrics"]["exact_match"], "samples": result["samples"],
+    return {"accuracy": result["metrics"][options.metric], "metric": options.metric, "samples": result["samples"],
             "perplexity": round(ppl["perplexity"], 4), "perplexity_tokens": ppl["tokens"],
             "predictions": result["predictions"]}
 

@@ -181,7 +181,25 @@ def auc(predictions: list[str], references: list[str]) -> float:
     return float(roc_auc_score(labels, [_score(p) for p in predictions]))
 
 
+def contains_answer(predictions: list[str], references: list[str]) -> float:
+    """Share of answers that contain the reference (whole words; any substring for Chinese), ignoring case.
+
+    For open questions to chatty models: "The capital of France is Paris." answers "Paris".
+    """
+    if not references:
+        return 0.0
+    hits = 0
+    for prediction, reference in zip(predictions, references):
+        got, want = final_answer(prediction).casefold(), final_answer(reference).casefold()
+        if re.search(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]", want) or not re.match(r"\w", want):
+            hits += want in got
+        else:
+            hits += re.search(rf"(?<!\w){re.escape(want)}(?!\w)", got) is not None
+    return hits / len(references)
+
+
 METRICS: dict[str, MetricFn] = {
+    "contains_answer": contains_answer,
     "exact_match": exact_match,
     "valid_icd10": valid_icd10,
     "accuracy": accuracy,

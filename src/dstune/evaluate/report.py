@@ -120,8 +120,10 @@ def metrics_table(report: dict) -> str:
         b, t, r = general.get("base") or {}, general.get("tuned") or {}, general.get("retention") or {}
         gate = r.get("passed")
         verdict = "no gate" if gate is None else ("passed" if gate else "FAILED")
+        if gate is False and r.get("on_fail") == "warn":
+            verdict += " (warning only: eval.general.on_fail=warn)"
         lines += ["", "| tier 1: general | base | tuned | retention |", "|---|---|---|---|",
-                  f"| exact match ({b.get('samples', '-')} questions) | {_fmt(b.get('accuracy'))} | "
+                  f"| {b.get('metric', 'exact_match')} ({b.get('samples', '-')} questions) | {_fmt(b.get('accuracy'))} | "
                   f"{_fmt(t.get('accuracy'))} | {_fmt(r.get('accuracy'))} |",
                   f"| perplexity ({b.get('perplexity_tokens', '-')} tokens) | {_fmt(b.get('perplexity'))} | "
                   f"{_fmt(t.get('perplexity'))} | {_fmt(r.get('perplexity'))} |",

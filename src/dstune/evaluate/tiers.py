@@ -53,5 +53,6 @@ def compare(base: dict, tuned: dict, recipe) -> dict:
         out["completion_rate"] = {"base": base["checks"]["completion_rate"],
                                   "tuned": tuned["checks"]["completion_rate"]}
     if "general" in base and "general" in tuned:
-        out["retention"] = retention(base["general"], tuned["general"], options.general.min_retention)
+        out["retention"] = {**retention(base["general"], tuned["general"], options.general.min_retention),
+                            "on_fail": options.general.on_fail}
     return out
