@@ -136,7 +136,7 @@ def metrics_table(report: dict) -> str:
         for name in (t or b)["pass_rates"]:
             lines.append(f"| {name} | {_fmt(b.get('pass_rates', {}).get(name))} | "
                          f"{_fmt(t.get('pass_rates', {}).get(name))} |")
-        lines.append(f"| **completion rate** (all pass) | {_fmt(b.get('completion_rate'))} | "
+        lines.append(f"| completion rate (all pass) | {_fmt(b.get('completion_rate'))} | "
                      f"{_fmt(t.get('completion_rate'))} |")
     return "\n".join(lines)
 
@@ -212,7 +212,9 @@ def report_pngs(report: dict) -> dict[str, bytes]:
     if retention:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         kinds = [k for k in ("accuracy", "perplexity") if retention.get(k) is not None]
-        ax.bar(kinds, [retention[k] for k in kinds], color="tab:green" if retention["passed"] is not False else "tab:red")
+        floor = retention.get("min_retention") or 0.0
+        ax.bar(kinds, [retention[k] for k in kinds],
+               color=["tab:green" if retention[k] >= floor else "tab:red" for k in kinds])
         if retention.get("min_retention"):
             ax.axhline(retention["min_retention"], color="k", linestyle="--", label=f"gate {retention['min_retention']}")
             ax.legend()
