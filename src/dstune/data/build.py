@@ -27,7 +27,9 @@ from .sources import DATA_SOURCES, file_samples
 from .stratify import stratify_train
 
 SPLITS = ("train", "dev", "test")
-GENERAL_SET = Path(__file__).parent / "general" / "general.jsonl"
+# The general set and text that ship with dstune (replay here, tier-1 evaluation in dstune.evaluate.general).
+GENERAL_DIR = Path(__file__).parent / "general"
+GENERAL_SET = GENERAL_DIR / "general.jsonl"
 
 
 def with_system_prompt(record: dict, system_prompt: str | None) -> dict:
@@ -122,13 +124,12 @@ def build_dataset(recipe: Recipe) -> Path:
             stages.append({"stage": "augmented", "train": len(splits["train"])})
         if data.replay.ratio:
             selection["replay"] = replay_split(splits, recipe, log, checks)
-            counts["replay"] = selection["replay"]["added"]
             stages.append({"stage": "replay", "train": len(splits["train"])})
         if not splits["train"]:
             raise InputError("data: the selection left no training samples (see data.adversarial, data.stratify)")
         counts["train"] = write_jsonl(out / "train.jsonl", splits["train"])
-    report = log.summary(counts)
-    counts.pop("replay", None)
+    # The replay pool's books: what was mixed into train counts as its kept records.
+    report = log.summary({**counts, **({"replay": selection["replay"]["added"]} if "replay" in selection else {})})
     manifest = {"stage": "data", "source": data.source, "counts": counts, **stats, **selection, "stages": stages,
                 "quality": report, "max_length": data.max_length}
     write_reports(out, recipe.name, manifest)

@@ -3,7 +3,8 @@
 Unreadable and malformed records are found while reading (see `readers` and `formats.RecordError`). This module
 adds over-long samples, exact and near duplicates and train/dev/test leakage, and keeps the books: input = kept +
 sum of dropped, per split. The checks stream: records pass in chunks and only compact keys stay in memory
-(about 100 bytes per kept record), so a million records are checked in well under 2 GB (see docs/data.md).
+(about 500 bytes per kept record with near duplicates on), so a million records are checked in under 1 GB
+(see docs/data.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
+from functools import lru_cache
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
@@ -106,6 +108,7 @@ def shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
+@lru_cache(maxsize=None)  # every split's index asks for the same bands
 def lsh_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.9) -> tuple[int, int]:
     """Bands b and rows r (b * r <= num_perm) that minimise the weighted false positives and negatives.
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ..data.build import GENERAL_DIR, GENERAL_SET
 from ..data.formats import read_samples
 from ..data.templates import ChatTemplate
 
-GENERAL_DIR = Path(__file__).resolve().parent.parent / "data" / "general"
 
 
 def general_records(path: str | None, max_samples: int | None) -> list[dict]:
     """The general instruction records: a local file or folder, or the shipped set (every n-th, if capped)."""
-    records = list(read_samples(path or GENERAL_DIR / "general.jsonl"))
+    records = list(read_samples(path or GENERAL_SET))
     if max_samples is not None and len(records) > max_samples:
         step = len(records) / max_samples  # an even spread over categories and languages, not the first n
         records = [records[int(i * step)] for i in range(max_samples)]

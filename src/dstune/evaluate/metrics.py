@@ -191,7 +191,7 @@ def contains_answer(predictions: list[str], references: list[str]) -> float:
     hits = 0
     for prediction, reference in zip(predictions, references):
         got, want = final_answer(prediction).casefold(), final_answer(reference).casefold()
-        if re.search(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]", want) or not re.match(r"\w", want):
+        if _HAS_CJK.search(want) or not re.match(r"\w", want):
             hits += want in got
         else:
             hits += re.search(rf"(?<!\w){re.escape(want)}(?!\w)", got) is not None
