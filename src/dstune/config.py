@@ -238,6 +238,15 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = 1.0
     # Batches of similar lengths waste less compute on padding (see dstune.train.sampler).
     group_by_length: bool = False
+    # The training hot path (docs/performance.md). Packing puts a batch's samples into shared rows with a
+    # block-diagonal causal mask; auto = on for every method but prefix (whose virtual tokens every sample sees).
+    packing: Literal["auto"] | bool = "auto"
+    # The widest packed row, in tokens; None: data.max_length. Wider rows waste fewer slots but attention grows.
+    pack_width: int | None = Field(None, ge=1)
+    # LoRA layers train through one fused autograd node with a fast dropout mask (dstune.train.fastlora).
+    fused_lora: bool = True
+    # Recompute activations in the backward pass: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
     # Generation-based evaluation on the dev split every eval_steps optimizer steps; 0 turns it off.
     eval_steps: int = 50
     early_stopping_patience: int = 3
@@ -246,6 +255,18 @@ class TrainConfig(StrictModel):
     logging_steps: int = 10
     save_total_limit: int = 2
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _packing_method(self) -> TrainConfig:
+        if self.packing is True and self.method == "prefix":
+            raise ValueError("packing: prefix tuning prepends virtual tokens that every sample attends to, which a "
+                             "packed row cannot share; set train.packing to false or auto")
+        return self
+
+    @property
+    def packs(self) -> bool:
+        """Whether batches are packed (auto: every method but prefix)."""
+        return self.method != "prefix" if self.packing == "auto" else self.packing
 
     def resolved_learning_rate(self) -> float:
         """The learning rate to use, explicit or as a fraction of the pretraining LR."""

@@ -70,3 +70,41 @@ def test_same_seed_same_adapter(tiny_recipe):
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_fast_path_trains_the_same_weights_as_the_plain_path(tiny_recipe):
+    """Packing, the fused LoRA layers and the chunked head change the work, not the result (dropout off)."""
+    states = {}
+    for fast in (False, True):
+        recipe = load_recipe(tiny_recipe(name=f"fast{fast}", train={
+            "max_steps": 3, "packing": fast, "fused_lora": fast, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}))
+        result = api.train(recipe)
+        states[fast] = lora_state(result.model)
+        summary = result.summary
+        assert summary["packing"] is fast and (summary["fused_lora_layers"] > 0) is fast
+        assert 0 <= summary["padding_fraction"] < 1
+    assert states[True].keys() == states[False].keys()
+    for name, value in states[True].items():
+        assert torch.allclose(value, states[False][name], atol=1e-5), name
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_recipe):
+    """Recomputation replays the same dropout masks (checkpointing restores the RNG state), so nothing changes."""
+    states = {}
+    for checkpointing in (False, True):
+        recipe = load_recipe(tiny_recipe(name=f"gc{checkpointing}", train={
+            "max_steps": 3, "gradient_checkpointing": checkpointing, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}))
+        result = api.train(recipe)
+        assert result.summary["gradient_checkpointing"] is checkpointing
+        assert result.model.get_base_model().is_gradient_checkpointing is checkpointing
+        states[checkpointing] = lora_state(result.model)
+    for name, value in states[True].items():
+        assert torch.allclose(value, states[False][name], atol=1e-5), name
+
+
+def test_packing_with_prefix_tuning_is_a_config_error(tiny_recipe):
+    from dstune.errors import InputError
+
+    with pytest.raises(InputError, match="train.packing"):
+        load_recipe(tiny_recipe(train={"method": "prefix", "packing": True}))
+    assert not load_recipe(tiny_recipe(train={"method": "prefix"})).train.packs

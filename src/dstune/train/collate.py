@@ -15,6 +15,12 @@ class CausalCollator:
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
+        self.real_tokens = 0
+        self.slots = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.slots if self.slots else 0.0
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(s["input_ids"]) for s in samples)
@@ -24,11 +30,15 @@ class CausalCollator:
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
             input_ids[row, width - n:] = torch.tensor(sample["input_ids"])
-            labels[row, width - n:] = torch.tensor(sample["labels"])
+            # A sample's first token is never predicted (nothing of it comes before); left of it is padding.
+            labels[row, width - n + 1:] = torch.tensor(sample["labels"][1:])
             attention_mask[row, width - n:] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        real = int(attention_mask.sum())
+        self.real_tokens += real
+        self.slots += attention_mask.numel()
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                 "labels": labels}
+                 "labels": labels, "num_tokens": torch.tensor(real)}
         if "task" in samples[0]:  # multi-task models pick each row's task prefix
             batch["task"] = [s["task"] for s in samples]
         return batch

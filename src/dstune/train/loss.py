@@ -1,11 +1,80 @@
-"""Causal-LM loss with the LM head run only where a label is supervised."""
+"""Causal-LM loss with the LM head run only on supervised positions, chunked so full logits never exist.
+
+The model runs with `logits_to_keep` empty and returns its final hidden states; the positions whose next token is
+supervised are gathered (any layout: left-padded or packed rows), and `linear_cross_entropy` projects them onto the
+vocabulary a chunk at a time. It computes the gradients chunk by chunk in the forward pass and keeps only them, so
+the peak is one chunk of logits (64 MB) instead of tokens x vocabulary floats, plus their gradient.
+
+Architectures whose logits are not plainly `lm_head(final hidden state)` (soft-capping, logit scales) take the
+fallback: `logits_to_keep` with the supervised columns and a plain cross-entropy.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.tokenize import IGNORE_INDEX
+
+# Model types whose logits are lm_head(final normed hidden state), with no bias, scale or cap.
+PLAIN_HEAD_MODELS = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "deepseek_v2", "deepseek_v3", "phi3",
+})
+CHUNK_BYTES = 64 << 20
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i), computed and differentiated a chunk of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                # d/dlogits of the summed CE: softmax - one_hot, built in place in the logits buffer.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                dlogits = probs.to(h.dtype)
+                if want_hidden:
+                    torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
+                if want_weight:
+                    grad_weight.addmm_(dlogits.t().float(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+        grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` without materialising all the logits."""
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def output_head(model) -> nn.Linear | None:
+    """The LM head when logits are exactly `head(final hidden state)` for this architecture, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return head
 
 
 def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -13,18 +82,20 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
-def supervised_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy, the number of supervised tokens, and the logits that were computed.
-
-    `logits_to_keep` with a position tensor keeps the vocabulary projection off unsupervised columns: with
-    left-padded short answers that is most of the sequence, and the LM head is a fifth of a small model's FLOPs.
-    """
+def supervised_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised tokens, and how many there are."""
     labels = batch["labels"]
-    positions = supervised_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=positions).logits
-    targets = labels[:, positions + 1]
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum, (targets != IGNORE_INDEX).sum(), logits
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    head = output_head(model)
+    if head is None:
+        positions = supervised_positions(labels)
+        logits = model(**inputs, logits_to_keep=positions).logits
+        targets = labels[:, positions + 1]
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, (targets != IGNORE_INDEX).sum()
+    keep_none = torch.empty(0, dtype=torch.long, device=labels.device)
+    hidden = model(**inputs, logits_to_keep=keep_none, output_hidden_states=True).hidden_states[-1]
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    loss_sum = linear_cross_entropy(hidden[:, :-1][supervised], head.weight, labels[:, 1:][supervised])
+    return loss_sum, supervised.sum()

@@ -24,7 +24,9 @@ from ..tuners.methods import add_method
 from ..tuners.prefix import SHARED
 from ..tuners.staging import StagedActivationCallback
 from .collate import CausalCollator
+from .fastlora import enable_fused_lora
 from .loss import supervised_lm_loss
+from .packing import PackingCollator
 from .sampler import ShuffledLengthGroupedSampler
 
 
@@ -68,9 +70,9 @@ class DstuneTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Token-level cross-entropy normalised by the supervised tokens of the whole accumulated batch."""
-        loss_sum, count, logits = supervised_lm_loss(model, inputs)
+        loss_sum, count = supervised_lm_loss(model, inputs)
         if model.training:
-            self.tokens_seen += int(inputs["attention_mask"].sum())
+            self.tokens_seen += int(inputs["num_tokens"])
             self.supervised_tokens_seen += int(count)
         if num_items_in_batch is not None:
             # Normalising by the global count makes accumulation exact (transformers #34191).
@@ -81,7 +83,7 @@ class DstuneTrainer(Trainer):
         else:
             self.loss_is_scaled_for_ga = False
             loss = loss_sum / count.clamp(min=1)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -165,6 +167,9 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_dev: bool, chat_dev
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input that requires grad (the base model is frozen).
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -197,6 +202,12 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         text = [t for s in train_set[:64] for t in s["input_ids"]]
         model.init_from_activations(torch.tensor(text[:4 * recipe.data.max_length]))
     trainable, total = model.get_nb_trainable_parameters()
+    fused = enable_fused_lora(model) if recipe.train.fused_lora and recipe.train.method in ("lora", "dora") else 0
+    if recipe.train.packs:
+        collator = PackingCollator(tokenizer.pad_token_id, recipe.train.pack_width or recipe.data.max_length,
+                                   model.config._attn_implementation, model.dtype)
+    else:
+        collator = CausalCollator(tokenizer.pad_token_id)
     run_dir = recipe.run_dir
     args = training_arguments(recipe, run_dir / "checkpoints", bool(dev_set), any("messages" in r for r in dev_records))
     timer = StepTimer()
@@ -213,7 +224,7 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tb"))))
     trainer = DstuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set or None,
-        data_collator=CausalCollator(tokenizer.pad_token_id), processing_class=tokenizer, callbacks=callbacks,
+        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
         dev_records=dev_records, template=template, eval_metrics=[recipe.train.metric],
         generation_batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
         group_by_length=recipe.train.group_by_length,
@@ -246,6 +257,10 @@ def train(recipe: Recipe, data_dir: Path | None = None) -> TrainResult:
         "supervised_tokens": trainer.supervised_tokens_seen,
         "tokens_per_second": round(trainer.tokens_seen / step_seconds, 2),
         "supervised_tokens_per_second": round(trainer.supervised_tokens_seen / step_seconds, 2),
+        "packing": recipe.train.packs,
+        "padding_fraction": round(collator.padding_fraction, 4),
+        "fused_lora_layers": fused,
+        "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "step_seconds": [round(t, 4) for t in timer.seconds],
         "best_metric": {recipe.train.metric: trainer.state.best_metric} if args.load_best_model_at_end else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
