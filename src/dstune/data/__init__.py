@@ -1,13 +1,22 @@
-"""Domain data: record forms, chat templates, the label mask and the dataset stage."""
+"""Domain data: record forms, chat templates, the label mask and the dataset stage.
 
-from .build import build_dataset, load_split
-from .formats import read_samples, to_messages
-from .sources import DATA_SOURCES, register_source
-from .templates import TEMPLATES, ChatTemplate, get_template, register_template
-from .tokenize import IGNORE_INDEX, EncodedSample, audit_labels, encode_conversation
+Names load on first use: `dstune.data.tokenize` imports without the dataset stage's dependencies.
+"""
 
-__all__ = [
-    "DATA_SOURCES", "IGNORE_INDEX", "TEMPLATES", "ChatTemplate", "EncodedSample", "audit_labels",
-    "build_dataset", "encode_conversation", "get_template", "load_split", "read_samples", "register_source",
-    "register_template", "to_messages",
-]
+import importlib
+
+_EXPORTS = {
+    "build_dataset": ".build", "load_split": ".build", "read_samples": ".formats", "to_messages": ".formats",
+    "DATA_SOURCES": ".sources", "register_source": ".sources", "TEMPLATES": ".templates",
+    "ChatTemplate": ".templates", "get_template": ".templates", "register_template": ".templates",
+    "IGNORE_INDEX": ".tokenize", "EncodedSample": ".tokenize", "audit_labels": ".tokenize",
+    "encode_conversation": ".tokenize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

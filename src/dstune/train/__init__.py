@@ -1,7 +1,21 @@
-"""Training: the LoRA recipe on HF Trainer, with a supervised-positions loss and generation-based early stopping."""
+"""Training: the LoRA recipe on HF Trainer, with packing, a fused LoRA linear and a supervised-positions loss.
 
-from .collate import CausalCollator
-from .loss import supervised_lm_loss, supervised_positions
-from .trainer import DstuneTrainer, TrainResult, train
+Names load on first use, so `dstune.train.loss` or `.packing` import without the trainer's stack (the GPU bench
+runs them where dstune's other dependencies are absent).
+"""
 
-__all__ = ["CausalCollator", "DstuneTrainer", "TrainResult", "supervised_lm_loss", "supervised_positions", "train"]
+import importlib
+
+_EXPORTS = {
+    "CausalCollator": ".collate", "PackingCollator": ".packing", "supervised_lm_loss": ".loss",
+    "supervised_positions": ".loss", "linear_cross_entropy": ".loss", "enable_fused_lora": ".fastlora",
+    "DstuneTrainer": ".trainer", "TrainResult": ".trainer", "train": ".trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
