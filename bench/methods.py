@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import gemm_peak_flops, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "icd10_lora.yaml"
@@ -79,32 +79,6 @@ def worker(method: str, work: Path, data_dir: Path, steps: int, dev: int) -> dic
         "dev_eval_seconds": time.perf_counter() - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-
-
-def gemm_peak_flops() -> float:
-    """fp32 FLOP/s of a large matmul on this machine, now (the ceiling of BENCHMARKS.md rule 3)."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times)
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-    import peft
-
-    from dstune.evaluate.report import cpu_name
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def table(rows: list[dict]) -> str:

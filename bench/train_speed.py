@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import statistics
@@ -31,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import gemm_peak_flops, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "icd10_lora.yaml"
@@ -232,32 +232,6 @@ def run_baseline(recipe, data_dir, tokenizer, template, per_sample):
 
 
 # --- the run ---
-
-def gemm_peak_flops() -> float:
-    """fp32 FLOP/s of a large matmul on this machine, now (the ceiling of BENCHMARKS.md rule 3)."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times)
-
-
-def machine() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    from dstune.evaluate.report import cpu_name
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
-
 
 def run_side(side: str, dataset: str, work: Path, steps: int, dev: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", side, "--dataset", dataset, "--work", str(work),

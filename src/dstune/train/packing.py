@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..data.tokenize import IGNORE_INDEX
+from ..errors import InputError
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -66,7 +67,8 @@ class PackingCollator:
     def __init__(self, pad_token_id: int, max_width: int, attn_implementation: str = "sdpa",
                  dtype: torch.dtype = torch.float32):
         if attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"packing supports sdpa and eager attention, not {attn_implementation!r}")
+            raise InputError(f"train.packing: packing needs sdpa or eager attention, and the model uses "
+                             f"{attn_implementation!r}; set train.packing to false")
         self.pad_token_id = pad_token_id
         self.max_width = max_width
         self.additive = attn_implementation == "eager"
