@@ -60,7 +60,8 @@ def token_lengths(recipe: Recipe) -> LengthFn:
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     """Write records one per line, to a temporary file renamed into place; returns how many."""
     count = 0
-    partial = path.with_name(path.name + ".partial")
+    # One temporary name per process: two writers of the same split never rename each other's file away.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with partial.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
