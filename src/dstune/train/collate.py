@@ -7,20 +7,31 @@ import torch
 from ..data.tokenize import IGNORE_INDEX
 
 
-class CausalCollator:
-    """Pads a batch on the left, so every answer ends at the last column and the LM head covers few positions.
+class SlotCounter:
+    """Counts the real tokens and the slots of the batches a collator makes, for the train summary."""
 
-    Position ids are counted from each sample's first real token, so padding does not shift RoPE positions.
-    """
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self):
         self.real_tokens = 0
         self.slots = 0
 
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.slots if self.slots else 0.0
+
+    def count(self, real: int, slots: int) -> None:
+        self.real_tokens += real
+        self.slots += slots
+
+
+class CausalCollator(SlotCounter):
+    """Pads a batch on the left, so every answer ends at the last column and the LM head covers few positions.
+
+    Position ids are counted from each sample's first real token, so padding does not shift RoPE positions.
+    """
+
+    def __init__(self, pad_token_id: int):
+        super().__init__()
+        self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(s["input_ids"]) for s in samples)
@@ -35,8 +46,7 @@ class CausalCollator:
             attention_mask[row, width - n:] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         real = int(attention_mask.sum())
-        self.real_tokens += real
-        self.slots += attention_mask.numel()
+        self.count(real, attention_mask.numel())
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                  "labels": labels, "num_tokens": torch.tensor(real)}
         if "task" in samples[0]:  # multi-task models pick each row's task prefix

@@ -16,6 +16,7 @@ import torch
 
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import InputError
+from .collate import SlotCounter
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -56,7 +57,7 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
-class PackingCollator:
+class PackingCollator(SlotCounter):
     """Packs a batch's samples into rows with restarted positions and a block-diagonal causal mask.
 
     `attn_implementation` decides the mask's form: booleans (True = attend) for sdpa, an additive float mask for
@@ -69,16 +70,11 @@ class PackingCollator:
         if attn_implementation not in ("sdpa", "eager"):
             raise InputError(f"train.packing: packing needs sdpa or eager attention, and the model uses "
                              f"{attn_implementation!r}; set train.packing to false")
+        super().__init__()
         self.pad_token_id = pad_token_id
         self.max_width = max_width
         self.additive = attn_implementation == "eager"
         self.dtype = dtype
-        self.real_tokens = 0
-        self.slots = 0
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1.0 - self.real_tokens / self.slots if self.slots else 0.0
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(s["input_ids"]) for s in samples]
@@ -100,7 +96,6 @@ class PackingCollator:
         mask = block_causal_mask(segments)
         if self.additive:
             mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, torch.finfo(self.dtype).min)
-        self.real_tokens += sum(lengths)
-        self.slots += len(rows) * width
+        self.count(sum(lengths), len(rows) * width)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
                 "num_tokens": torch.tensor(sum(lengths))}
