@@ -46,8 +46,11 @@ def data(recipe, overrides: list[str] | None = None) -> Path:
     return build_dataset(_recipe(recipe, overrides))
 
 
-def train(recipe, overrides: list[str] | None = None) -> TrainResult:
-    """Fine-tune on the recipe's dataset folder (built first if missing)."""
+def train(recipe, overrides: list[str] | None = None, resume: bool | str | Path = False) -> TrainResult:
+    """Fine-tune on the recipe's dataset folder (built first if missing).
+
+    `resume=True` continues from the newest complete checkpoint, a path from that checkpoint.
+    """
     from accelerate import PartialState
 
     recipe = _recipe(recipe, overrides)
@@ -55,7 +58,13 @@ def train(recipe, overrides: list[str] | None = None) -> TrainResult:
     with PartialState().main_process_first():
         if not (recipe.run_dir / "data" / "train.jsonl").is_file():
             build_dataset(recipe)
-    return train_stage(recipe)
+    return train_stage(recipe, resume=resume)
+
+
+def preemption_message(result: TrainResult, command: str) -> str:
+    """What to tell the user after SIGTERM stopped training early."""
+    return (f"dstune: stopped by SIGTERM after step {result.summary['preempted_at_step']}; checkpoint: "
+            f"{result.preempted_checkpoint}; continue with: {command} --resume")
 
 
 def _eval_on_test(recipe: Recipe, model, tokenizer, tag: str) -> dict | None:
@@ -115,8 +124,13 @@ def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | P
     return chat_session(recipe, overrides, model, adapter, max_new_tokens)(prompt)
 
 
-def run(recipe, overrides: list[str] | None = None) -> dict:
-    """The main job: data, base eval, PEFT training, tuned eval, merge (where the method allows) and report."""
+def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = False) -> dict:
+    """The main job: data, base eval, PEFT training, tuned eval, merge (where the method allows) and report.
+
+    `resume` continues training from a checkpoint (see `train`); the data and the base evaluation are rebuilt the
+    same way (the generation cache makes the latter quick). When SIGTERM stops the training, returns
+    {"preempted": TrainResult} instead of the report.
+    """
     recipe = _recipe(recipe, overrides)
     run_dir = recipe.run_dir
     print(f"dstune: [1/6] building the dataset into {run_dir / 'data'}", flush=True)
@@ -130,7 +144,9 @@ def run(recipe, overrides: list[str] | None = None) -> dict:
     del base_model
 
     print(f"dstune: [3/6] fine-tuning with {recipe.train.method}", flush=True)
-    trained = train_stage(recipe, data_dir)
+    trained = train_stage(recipe, data_dir, resume=resume)
+    if "preempted_at_step" in trained.summary:
+        return {"preempted": trained}
 
     print("dstune: [4/6] evaluating the tuned model", flush=True)
     tuned = _eval_on_test(recipe, trained.model, tokenizer, "tuned")

@@ -253,7 +253,16 @@ class TrainConfig(StrictModel):
     metric: str = "exact_match"
     max_dev_samples: int | None = None
     logging_steps: int = 10
-    save_total_limit: int = 2
+    # A crash-safe checkpoint every save_steps optimizer steps (None: eval_steps, or 50 without dev evaluation);
+    # `dstune train --resume` continues from the newest complete one, bit for bit.
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    # Steps with a NaN/inf loss or grad norm are never applied; up to skip_nonfinite of them are skipped and counted,
+    # and the run stops at the next one, or at nonfinite_patience in a row (None: skip_nonfinite + 1).
+    skip_nonfinite: int = Field(0, ge=0)
+    nonfinite_patience: int | None = Field(None, ge=1)
+    # On SIGTERM (preemption) the run checkpoints after the current step and exits 0; past this many seconds, exit 1.
+    preemption_grace_seconds: float = Field(120.0, gt=0)
     seed: int = 42
 
     @model_validator(mode="after")

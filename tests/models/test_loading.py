@@ -22,7 +22,7 @@ def test_pickle_only_model_dir_is_refused(tmp_path, tiny_model_dirs):
     weights = target / "model.safetensors"
     assert load_file(weights)
     weights.rename(target / "pytorch_model.bin")
-    with pytest.raises(InputError, match="pickle files.*safetensors only"):
+    with pytest.raises(InputError, match="pickle weight file refused.*dstune convert-weights.*--allow-pickle"):
         resolve_model_path(str(target))
 
 

@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from ..errors import DstuneError
+from .resources import resource_message
 
 EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml
@@ -25,6 +26,15 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override recipe values, e.g. train.learning_rate=1e-3 model.name_or_path=./my-model")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load .bin adapter/model weights (pickle) instead of refusing them, still through "
+                             "torch's weights_only unpickler (tensors only)")
+
+
+def _add_resume(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue training exactly from the newest complete checkpoint of the run (or the "
+                             "checkpoint folder given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the dataset, evaluate the base model, LoRA fine-tune, evaluate the tuned "
                                    "model, merge the adapter and write runs/<name>/report.{json,md}.")
     _add_recipe(p)
+    _add_resume(p)
     p = sub.add_parser("data", help="build the dataset folder (train/dev/test JSONL, manifest, data report)",
                        description="Turn the recipe's data source into runs/<name>/data/{train,dev,test}.jsonl: "
                                    "quality checks (every drop counted by reason with its file:line), adversarial "
@@ -47,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "recipe's data section says. The report is report.md / report.html.")
     _add_recipe(p)
     p = sub.add_parser("train", help="LoRA fine-tune on the dataset folder",
-                       description="Fine-tune with LoRA; saves runs/<name>/adapter in peft format.")
+                       description="Fine-tune with LoRA; saves runs/<name>/adapter in peft format. Crash-safe "
+                                   "checkpoints go to runs/<name>/checkpoints every train.save_steps steps; on "
+                                   "SIGTERM the run checkpoints and exits 0.")
     _add_recipe(p)
+    _add_resume(p)
     p = sub.add_parser("eval", help="score a model on the test split",
                        description="Generate answers on the test split and score them with the recipe's metrics. "
                                    "Evaluates the base model unless --model or --adapter is given.")
@@ -68,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--prompt", help="answer this prompt and exit (otherwise read prompts from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    p = sub.add_parser("convert-weights", help="rewrite pickle weights (.bin) as safetensors",
+                       description="Load adapter_model.bin / pytorch_model*.bin (in a folder) or one weight file "
+                                   "with torch's weights_only unpickler and write .safetensors next to it.")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    p.add_argument("path", help="an adapter or model folder, or one .bin/.pt file")
     return parser
 
 
@@ -87,36 +106,61 @@ def _prompts(text: str | None):
             yield line.strip()
 
 
-def _chat_loop(args) -> None:
+def _chat_loop(args, recipe) -> None:
     from .. import api
 
-    answer = api.chat_session(args.recipe, args.overrides, args.model, args.adapter, args.max_new_tokens)
+    answer = api.chat_session(recipe, None, args.model, args.adapter, args.max_new_tokens)
     for prompt in _prompts(args.prompt):
         print(answer(prompt), flush=True)
 
 
 def dispatch(args) -> int:
     """Run one parsed command."""
+    if args.command == "convert-weights":
+        from ..models.safety import allow_pickle, convert_to_safetensors
+
+        allow_pickle(True)  # asking to convert is the opt-in; the load is still weights_only
+        for out in convert_to_safetensors(args.path):
+            print(f"dstune: wrote {out}")
+        return 0
+    if isinstance(getattr(args, "resume", None), str) and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint path
+        args.resume = True
+    from ..config import load_recipe
+
+    # A bad recipe or override fails here, in a second, before the slow imports of torch, transformers and peft.
+    recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "adapter", None):  # a bad adapter folder fails before the model loads
+        from ..tuners.methods import check_adapters
+
+        check_adapters(args.adapter)
     from .. import api
 
+    command = " ".join(["dstune", args.command, args.recipe, *args.overrides])
     if args.command == "run":
-        api.run(args.recipe, args.overrides)
+        report = api.run(recipe, resume=args.resume)
+        if "preempted" in report:
+            print(api.preemption_message(report["preempted"], command), flush=True)
     elif args.command == "data":
-        out = api.data(args.recipe, args.overrides)
+        out = api.data(recipe)
         print(f"dstune: dataset written to {out} (report: {out / 'report.html'})")
     elif args.command == "train":
-        result = api.train(args.recipe, args.overrides)
-        if result.trainer.is_world_process_zero():  # under torchrun only rank 0 saves
+        result = api.train(recipe, resume=args.resume)
+        if not result.trainer.is_world_process_zero():  # under torchrun only rank 0 saves and reports
+            pass
+        elif "preempted_at_step" in result.summary:
+            print(api.preemption_message(result, command), flush=True)
+        else:
             print(f"dstune: adapter saved to {result.adapter_dir}")
     elif args.command == "eval":
-        result = api.evaluate(args.recipe, args.overrides, model=args.model, adapter=args.adapter, tag=args.tag)
+        result = api.evaluate(recipe, model=args.model, adapter=args.adapter, tag=args.tag)
         for name, value in result["metrics"].items():
             print(f"{name}: {value:.4f}")
     elif args.command == "merge":
-        out = api.merge(args.recipe, args.overrides, adapter=args.adapter, out_dir=args.out)
+        out = api.merge(recipe, adapter=args.adapter, out_dir=args.out)
         print(f"dstune: merged model saved to {out}")
     elif args.command == "chat":
-        _chat_loop(args)
+        _chat_loop(args, recipe)
     return 0
 
 
@@ -124,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: errors a user can act on become one line and an exit code (2 bad input, 1 runtime)."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "allow_pickle", False):
+        from ..models.safety import allow_pickle
+
+        allow_pickle(True)
     try:
         return dispatch(args)
     except DstuneError as exc:
@@ -131,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dstune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        message = resource_message(exc, args.command)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"dstune: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dstune: interrupted", file=sys.stderr)
         return 130

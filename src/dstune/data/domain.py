@@ -29,8 +29,10 @@ def embedding_features(texts: list[str], model_dir: str, batch_size: int = 32) -
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True).eval()
+        # Never the model's own code: an embedding model is data to this stage, not a program.
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                          trust_remote_code=False).eval()
     except (OSError, ValueError) as exc:
         raise InputError(f"data.adversarial.embedding_model: cannot load {model_dir!r} ({exc})") from None
     if tokenizer.pad_token is None:

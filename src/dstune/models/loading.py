@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .safety import check_pickle_file, pickle_allowed, refuse_pickle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,6 +61,20 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
+def _unsupported_gguf(gguf: Path) -> str:
+    """Why transformers cannot read this GGUF: its architecture, and the ones it can."""
+    import transformers
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    field = GGUFReader(gguf).fields["general.architecture"]
+    architecture = bytes(field.parts[field.data[0]]).decode()
+    # "general" and "tokenizer" sit in transformers' list as metadata sections, not architectures.
+    supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in {"general", "tokenizer"})
+    return (f"{gguf}: GGUF architecture {architecture!r} is not supported by transformers "
+            f"{transformers.__version__} (supported: {supported}); use a Hugging Face safetensors directory instead")
+
+
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantize a GGUF file once into a safetensors HF directory (cached), and return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,9 +84,12 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         return out_dir
     print(f"dstune: converting {gguf.name} to safetensors in {out_dir} (once)", flush=True)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     except (ValueError, KeyError) as exc:
+        if "is not supported" in str(exc):
+            raise InputError(_unsupported_gguf(gguf)) from None
         raise InputError(f"{gguf}: cannot load this GGUF with transformers ({str(exc).splitlines()[0]})") from None
     # A GGUF-loaded model carries a quantization_config; a fresh model from the config saves cleanly.
     config_dict = loaded.config.to_dict()
@@ -102,26 +120,68 @@ def resolve_model_path(name_or_path: str) -> Path:
         return convert_gguf(path)
     if not path.is_dir():
         known = ", ".join(sorted(EMBEDDED_MODELS))
-        raise InputError(f"model.name_or_path: {name_or_path!r} is neither a local directory, a .gguf file, nor one of: {known}")
+        raise InputError(f"{name_or_path}: model not found (neither a local directory, a .gguf file, "
+                         f"nor one of: {known})")
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json, so not a Hugging Face model directory")
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
-        if pickles:
-            raise InputError(
-                f"{path}: weights are pickle files ({pickles[0]}); dstune loads safetensors only. "
-                "Convert them once with a trusted tool (model.save_pretrained(dir, safe_serialization=True))"
-            )
-        raise InputError(f"{path}: no *.safetensors weights in this model directory")
+    check_weights(path)
     return path
+
+
+def check_weights(path: Path) -> bool:
+    """Whether a model directory has safetensors; else check its pickle weights may load (allowed, weights_only)."""
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(path.glob("pytorch_model*.bin"))
+    if not pickled:
+        raise InputError(f"{path}: no weights in this model directory (no *.safetensors, no pytorch_model*.bin)")
+    if not pickle_allowed():
+        raise refuse_pickle(path)
+    for file in pickled:
+        check_pickle_file(file)
+    return False
+
+
+def _custom_code(path: Path) -> list[str]:
+    """The Python files a model directory's auto_map names (its own code), if transformers has no class for it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if config.get("model_type") in CONFIG_MAPPING:  # transformers uses its own class, whatever auto_map says
+        return []
+    code = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        auto_map = json.loads((path / name).read_text()).get("auto_map", {}) if (path / name).is_file() else {}
+        for ref in auto_map.values():
+            for item in ref if isinstance(ref, list) else [ref]:
+                if item:  # "module.Class", or "repo--module.Class" for code in another repository
+                    code.add(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(code)
+
+
+def _remote_code_error(path: Path) -> InputError:
+    files = ", ".join(_custom_code(path))
+    return InputError(f"{path}: this model needs its own Python code{f' ({files})' if files else ''}, which dstune "
+                      "runs only when the recipe sets model.trust_remote_code: true (read that code first)")
+
+
+def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model that needs its own code before transformers reads it (unless the recipe trusts it)."""
+    if not trust_remote_code and _custom_code(path):
+        raise _remote_code_error(path)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The tokenizer of a resolved model directory, with a pad token set."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    _refuse_remote_code(path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # custom code our check missed: transformers refuses it too, in a page of text
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(path) from None
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -139,7 +199,7 @@ def bitsandbytes_problem() -> str | None:
 
 
 def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, load_in_4bit: bool = False):
-    """A causal LM from a resolved directory, safetensors only; `load_in_4bit` gives a frozen NF4 base (QLoRA)."""
+    """A causal LM from a resolved directory (safetensors, or allowed pickles); `load_in_4bit`: a frozen NF4 base."""
     from transformers import AutoModelForCausalLM
 
     quantization = None
@@ -151,7 +211,14 @@ def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = Fal
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_use_double_quant=True)
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
-        quantization_config=quantization,
-    )
+    _refuse_remote_code(Path(path), trust_remote_code)
+    safetensors = check_weights(Path(path))  # pickles only when allowed, and after a weights_only check
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=safetensors, weights_only=True,
+            trust_remote_code=trust_remote_code, quantization_config=quantization,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise _remote_code_error(Path(path)) from None
+        raise

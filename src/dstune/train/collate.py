@@ -23,6 +23,13 @@ class SlotCounter:
         self.slots += slots
 
 
+def with_sample_ids(batch: dict, samples: list[dict]) -> dict:
+    """Add the batch's sample ids (for the sample-order log and error messages; the model never sees them)."""
+    if samples and "id" in samples[0]:
+        batch["sample_ids"] = [s["id"] for s in samples]
+    return batch
+
+
 class CausalCollator(SlotCounter):
     """Pads a batch on the left, so every answer ends at the last column and the LM head covers few positions.
 
@@ -51,4 +58,4 @@ class CausalCollator(SlotCounter):
                  "labels": labels, "num_tokens": torch.tensor(real)}
         if "task" in samples[0]:  # multi-task models pick each row's task prefix
             batch["task"] = [s["task"] for s in samples]
-        return batch
+        return with_sample_ids(batch, samples)

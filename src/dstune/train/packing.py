@@ -16,7 +16,7 @@ import torch
 
 from ..data.tokenize import IGNORE_INDEX
 from ..errors import InputError
-from .collate import SlotCounter
+from .collate import SlotCounter, with_sample_ids
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -97,5 +97,5 @@ class PackingCollator(SlotCounter):
         if self.additive:
             mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, torch.finfo(self.dtype).min)
         self.count(sum(lengths), len(rows) * width)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-                "num_tokens": torch.tensor(sum(lengths))}
+        return with_sample_ids({"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                                "labels": labels, "num_tokens": torch.tensor(sum(lengths))}, samples)

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..config import AdapterConfigSection, IA3ConfigSection, TrainConfig
 from ..errors import InputError
+from ..models.safety import PICKLE_SUFFIXES, check_pickle_file
 from .bottleneck import BottleneckConfig
 from .lora import add_lora, keep_moe_targets
 from .prefix import add_prefix, as_prefix_model, prefix_task_adapters
@@ -73,13 +74,26 @@ def add_method(model, train: TrainConfig):
 
 
 def check_adapter_dir(path: Path) -> None:
-    """Refuse adapter folders without safetensors weights (pickle files can run code)."""
+    """Refuse adapter folders without safetensors weights, unless pickles are allowed and pass weights_only."""
+    if not path.is_dir():
+        raise InputError(f"{path}: adapter folder not found")
     if not (path / "adapter_config.json").is_file():
         raise InputError(f"{path}: not a peft adapter folder (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        pickles = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth"}]
-        hint = f"; found {pickles[0]}, a pickle file dstune does not load" if pickles else ""
-        raise InputError(f"{path}: no adapter_model.safetensors{hint}")
+    if (path / "adapter_model.safetensors").is_file():
+        return
+    if (path / "adapter_model.bin").is_file():  # the one pickle name peft reads
+        check_pickle_file(path / "adapter_model.bin")
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    hint = f"; found {pickles[0]}, a name peft does not read (adapter_model.bin is)" if pickles else ""
+    raise InputError(f"{path}: no adapter_model.safetensors{hint}")
+
+
+def check_adapters(path: str | Path) -> None:
+    """Check an adapter folder (each part of a multi-task prefix one) before a model spends time loading."""
+    path = Path(path)
+    for part in (prefix_task_adapters(path) or {"": path}).values():
+        check_adapter_dir(part)
 
 
 def load_adapters(model, adapters: dict[str, str | Path], is_trainable: bool = False):
