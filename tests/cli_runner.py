@@ -55,11 +55,33 @@ class CliRunner:
         self._tmp.cleanup()
 
 
-def run_cli(commands: list[list[str] | dict], env: dict | None = None) -> list[Result]:
-    """Run `dstune ARGV...` for each command (a list, or {"argv": [...], "address_space_margin_mb": N})."""
+_shared: CliRunner | None = None
+
+
+def shared_runner() -> CliRunner:
+    """One warm driver for the whole test session (closed at exit): its imports are paid once."""
+    global _shared
+    if _shared is None:
+        import atexit
+
+        _shared = CliRunner()
+        atexit.register(_shared.close)
+    return _shared
+
+
+def run_cli(commands: list[list[str] | dict], env: dict | None = None, fresh: bool = False) -> list[Result]:
+    """Run `dstune ARGV...` for each command (a list, or {"argv": [...], "address_space_margin_mb": N}).
+
+    `env` is set in each child. `fresh` starts a driver of its own with `env` in it from the start, for variables
+    read when a process starts (MALLOC_ARENA_MAX).
+    """
+    cases = [c if isinstance(c, dict) else {"argv": c} for c in commands]
+    if not fresh:
+        runner = shared_runner()
+        return [runner(**{**case, "env": {**(env or {}), **case.get("env", {})}}) for case in cases]
     runner = CliRunner(env)
     try:
-        return [runner(**(c if isinstance(c, dict) else {"argv": c})) for c in commands]
+        return [runner(**case) for case in cases]
     finally:
         runner.close()
 

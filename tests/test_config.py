@@ -87,7 +87,7 @@ def test_cli_missing_recipe_is_exit_2(tmp_path):
     assert "recipe file not found" in proc.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["train"], ["eval"], ["merge"], ["chat"],
+@pytest.mark.parametrize("command", [[], ["run"], ["data"], ["train"], ["eval"], ["merge"], ["chat"], ["export"],
                                      ["convert-weights"]])
 def test_every_command_has_help(command):
     proc = subprocess.run([sys.executable, "-m", "dstune", *command, "--help"], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The Python API: one function per CLI command (`dstune run|data|train|eval|merge|chat`)."""
+"""The Python API: one function per CLI command (`dstune run|data|train|eval|merge|export|chat`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from .evaluate.generate import generate
 from .evaluate.harness import write_eval
 from .evaluate.tiers import compare, evaluate_tiers
 from .evaluate.report import build_report, metrics_table, write_report
+from .export.artifacts import export_and_score, gate_failures, scoring_recipe, test_records
+from .export.formats import get_format
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
 from .train.trainer import TrainResult
@@ -133,39 +135,48 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     """
     recipe = _recipe(recipe, overrides)
     run_dir = recipe.run_dir
-    print(f"dstune: [1/6] building the dataset into {run_dir / 'data'}", flush=True)
+    for spec in recipe.export.formats:  # a typo here fails now, not after the training
+        get_format(*spec.split(":"))
+    print(f"dstune: [1/7] building the dataset into {run_dir / 'data'}", flush=True)
     data_dir = build_dataset(recipe)
     counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
     print(f"dstune:       {counts}", flush=True)
 
-    print("dstune: [2/6] evaluating the base model", flush=True)
+    print("dstune: [2/7] evaluating the base model", flush=True)
     base_model, tokenizer = load(recipe)
     base = _eval_on_test(recipe, base_model, tokenizer, "base")
     del base_model
 
-    print(f"dstune: [3/6] fine-tuning with {recipe.train.method}", flush=True)
+    print(f"dstune: [3/7] fine-tuning with {recipe.train.method}", flush=True)
     trained = train_stage(recipe, data_dir, resume=resume)
     if "preempted_at_step" in trained.summary:
         return {"preempted": trained}
 
-    print("dstune: [4/6] evaluating the tuned model", flush=True)
+    print("dstune: [4/7] evaluating the tuned model", flush=True)
     tuned = _eval_on_test(recipe, trained.model, tokenizer, "tuned")
 
     merged_dir = None
     if not is_mergeable(trained.model):
-        print(f"dstune: [5/6] no merge: a {recipe.train.method} adapter does not fold into the base weights", flush=True)
+        print(f"dstune: [5/7] no merge: a {recipe.train.method} adapter does not fold into the base weights", flush=True)
     elif recipe.model.load_in_4bit:
-        print("dstune: [5/6] merging the adapter into the full-precision base (not the 4-bit one)", flush=True)
+        print("dstune: [5/7] merging the adapter into the full-precision base (not the 4-bit one)", flush=True)
         merged_dir = merge(recipe, adapter=trained.adapter_dir)
     else:
-        print("dstune: [5/6] merging the adapter into the base", flush=True)
+        print("dstune: [5/7] merging the adapter into the base", flush=True)
         merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
 
-    print("dstune: [6/6] writing the report", flush=True)
+    exports = []
+    if merged_dir and tuned and recipe.export.formats:
+        print(f"dstune: [6/7] exporting {', '.join(recipe.export.formats)} and scoring each against fp32", flush=True)
+        exports = [export_and_score(recipe, spec, merged_dir, tuned) for spec in recipe.export.formats]
+    else:
+        print("dstune: [6/7] no export (export.formats is empty, or nothing was merged)", flush=True)
+
+    print("dstune: [7/7] writing the report", flush=True)
     artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
-                 "tensorboard": str(run_dir / "tb")}
+                 "tensorboard": str(run_dir / "tb"), **{f"export {r['format']}:{r['quant']}": r["artifact"] for r in exports}}
     comparison = compare(base, tuned, recipe) if base and tuned else {}
-    report = build_report(recipe.name, base, tuned, trained.summary, artifacts, comparison)
+    report = build_report(recipe.name, base, tuned, trained.summary, artifacts, comparison, exports)
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
@@ -177,4 +188,38 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
         if recipe.eval.general.on_fail == "error":
             raise GateError(message)
         print(f"dstune: warning: {message}", flush=True)
+    failed = gate_failures(exports)
+    if failed:
+        raise GateError(f"{failed}; report: {report_path}")
     return report
+
+
+def export(recipe, overrides: list[str] | None = None, spec: str = "onnx:int8", model: str | Path | None = None) -> dict:
+    """Export a merged model (default runs/<name>/merged) as `format:quant`, score it against the fp32 model, gate it.
+
+    The record is added to the run's report when there is one. Raises GateError (exit code 3) below
+    `export.min_retention`.
+    """
+    recipe = _recipe(recipe, overrides)
+    if spec.count(":") != 1:
+        raise InputError(f"{spec!r}: an export is format:quant, e.g. onnx:int8")
+    get_format(*spec.split(":"))  # an unknown format or quantization fails before any evaluation
+    merged_dir = Path(model or recipe.run_dir / "merged")
+    if not (merged_dir / "config.json").is_file():
+        raise InputError(f"{merged_dir}: no merged model; run `dstune merge` (or `dstune run`) first, or give --model")
+    if not (recipe.run_dir / "data" / "test.jsonl").is_file():
+        build_dataset(recipe)
+    loaded, tokenizer = load(recipe, merged_dir)
+    reference = evaluate_tiers(scoring_recipe(recipe), loaded, tokenizer, test_records(recipe), progress="eval fp32")
+    del loaded
+    record = export_and_score(recipe, spec, merged_dir, reference)
+    report_file = recipe.run_dir / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        report["exports"] = [r for r in report.get("exports") or []
+                             if (r["format"], r["quant"]) != (record["format"], record["quant"])] + [record]
+        write_report(report, recipe.run_dir)
+    failed = gate_failures([record])
+    if failed:
+        raise GateError(failed)
+    return record

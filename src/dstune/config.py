@@ -215,6 +215,16 @@ class IA3ConfigSection(StrictModel):
     targets: list[str] | Literal["auto"] = "auto"
 
 
+class QatConfig(StrictModel):
+    """Quantization-aware LoRA training: the forward pass fake-quantizes the merged weight as the export will."""
+
+    # int4: the ONNX export's int4 (MatMulNBits blocks); int8: the torchao export's per-row int8 weights.
+    scheme: Literal["int4", "int8"]
+    # int4 only: the block along the input dimension; dstune's ONNX int4 export writes blocks of 16 (and keeps
+    # llama.cpp's sensitive layers in int8, which QAT treats as int4: a little stricter than needed).
+    group_size: Literal[16, 32, 64, 128, 256] = 16
+
+
 class TrainConfig(StrictModel):
     """Fine-tuning schedule and early stopping."""
 
@@ -245,6 +255,8 @@ class TrainConfig(StrictModel):
     pack_width: int | None = Field(None, ge=1)
     # LoRA layers train through one fused autograd node with a fast dropout mask (dstune.train.fastlora).
     fused_lora: bool = True
+    # Quantization-aware training (dstune.train.qat), for method lora with lora.dropout 0; None: off.
+    qat: QatConfig | None = None
     # Recompute activations in the backward pass: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
     # Generation-based evaluation on the dev split every eval_steps optimizer steps; 0 turns it off.
@@ -270,6 +282,14 @@ class TrainConfig(StrictModel):
         if self.packing is True and self.method == "prefix":
             raise ValueError("packing: prefix tuning prepends virtual tokens that every sample attends to, which a "
                              "packed row cannot share; set train.packing to false or auto")
+        return self
+
+    @model_validator(mode="after")
+    def _qat_lora(self) -> TrainConfig:
+        if self.qat and self.method != "lora":
+            raise ValueError(f"qat: quantization-aware training covers method lora, not {self.method}")
+        if self.qat and self.lora.dropout > 0:
+            raise ValueError("qat: a merged weight cannot drop the LoRA input; set train.lora.dropout to 0")
         return self
 
     @property
@@ -324,6 +344,25 @@ class EvalConfig(StrictModel):
     checks: list[dict] = []
 
 
+class ExportConfig(StrictModel):
+    """Deployable artifacts of the merged model, each scored on the test split against the fp32 model."""
+
+    # "format:quant" items that `dstune run` exports after the merge, e.g. ["onnx:int8", "gguf:q8_0"]
+    # (dstune.export registry: onnx, gguf, torchao).
+    formats: list[str] = []
+    # The accuracy gate: an export keeping less than this share of the fp32 domain score (eval.metrics[0]) is marked
+    # failed in the report, and the command exits with code 3.
+    min_retention: float = Field(0.98, gt=0.0)
+
+    @field_validator("formats")
+    @classmethod
+    def _format_quant(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item.count(":") != 1 or not all(item.split(":")):
+                raise ValueError(f"{item!r}: write each export as format:quant, e.g. onnx:int8")
+        return value
+
+
 class Recipe(StrictModel):
     """A whole recipe: the stage configs side by side."""
 
@@ -334,6 +373,7 @@ class Recipe(StrictModel):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _check_registries(self) -> Recipe:

@@ -92,7 +92,8 @@ def cases(tmp_path_factory, tiny_model_dirs, tokenizer_dir):
         "trusted": ["chat", recipe("trusted", model=paths["trusted"], trust_remote_code=True), *chat],
     }
     env = {"DSTUNE_CACHE": str(tmp / "cache"), "HF_MODULES_CACHE": str(tmp / "hf-modules")}
-    return dict(zip(commands, run_cli(list(commands.values()), env=env))), commands, paths
+    # fresh: HF_MODULES_CACHE is read when transformers is imported, so the driver must start with it.
+    return dict(zip(commands, run_cli(list(commands.values()), env=env, fresh=True))), commands, paths
 
 
 @pytest.mark.parametrize("case, message", [

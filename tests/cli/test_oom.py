@@ -40,7 +40,8 @@ def test_out_of_memory_loading_the_model_is_one_line_exit_1(tmp_path, tokenizer_
                                           "model": {"name_or_path": str(model)}}))
         argv = ["chat", str(recipe), "--prompt", "hi", "--max-new-tokens", "2"]
         # One malloc arena per thread would reserve 64 MB of address space each: keep that out of the margin.
-        result, = run_cli([{"argv": argv, "address_space_margin_mb": MARGIN_MB}], env={"MALLOC_ARENA_MAX": "2"})
+        result, = run_cli([{"argv": argv, "address_space_margin_mb": MARGIN_MB}], env={"MALLOC_ARENA_MAX": "2"},
+                          fresh=True)
     finally:
         shutil.rmtree(model)
     assert result.returncode == 1, result.stderr

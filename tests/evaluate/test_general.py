@@ -54,7 +54,7 @@ def test_run_reports_three_tiers_and_fails_the_gate_with_exit_3(tiny_recipe, tmp
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dstune: error: general ability retention ") and "min_retention=5.0" in last
     report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
-    assert report["schema"] == "dstune.report/2"
+    assert report["schema"] == "dstune.report/3"
     row = report["metrics"]["exact_match"]
     assert row["base_ci"][0] <= row["base"] <= row["base_ci"][1] and row["paired"]["diff"] == pytest.approx(row["delta"])
     general = report["general"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runner import CliRunner, Result
+from cli_runner import CliRunner, Result, shared_runner
 from safetensors.torch import load_file
 
 from dstune.train.checkpoint import MARKER, complete_checkpoints, is_complete, latest_checkpoint
@@ -63,10 +63,8 @@ def workspace(tmp_path_factory, tiny_model_dirs):
     proc = subprocess.run([sys.executable, "-m", "dstune", "train", str(recipe("reference"))], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runner = CliRunner()
-    yield {"root": root, "recipe": recipe, "reference": outcome(root / "runs" / "reference"),
-           "dstune": dstune_train(runner)}
-    runner.close()
+    return {"root": root, "recipe": recipe, "reference": outcome(root / "runs" / "reference"),
+            "dstune": dstune_train(shared_runner())}
 
 
 def dstune_train(runner: CliRunner):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -16,6 +17,7 @@ EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml name=icd10_adapter train.method=adapter   # lora|dora|prefix|adapter|ia3
   dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
+  dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
 """
 
@@ -75,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--adapter", help="adapter folder (default: runs/<name>/adapter)")
     p.add_argument("--out", help="output directory (default: runs/<name>/merged)")
+    p = sub.add_parser("export", help="export the merged model (ONNX, GGUF, torchao), score it and gate it",
+                       description="Write a deployable artifact of the merged model under runs/<name>/exports/, score "
+                                   "it on the test split against the fp32 merged model (domain metrics, business "
+                                   "checks), and exit with code 3 if it keeps less than export.min_retention of the "
+                                   "fp32 domain score. Formats: onnx (fp32, int8, int4), gguf (f32, f16, q8_0, "
+                                   "q4_0), torchao (int8, int8wo, ...). See docs/deploy.md.")
+    _add_recipe(p)
+    p.add_argument("--format", default="onnx", help="onnx | gguf | torchao (default onnx)")
+    p.add_argument("--quant", default="int8", help="the format's quantization, e.g. int8, int4, q8_0 (default int8)")
+    p.add_argument("--model", help="the merged model directory (default runs/<name>/merged)")
     p = sub.add_parser("chat", help="talk to a model (one prompt, or a prompt loop on stdin)",
                        description="Greedy answers with the recipe's chat template and system prompt.")
     _add_recipe(p)
@@ -159,6 +171,12 @@ def dispatch(args) -> int:
     elif args.command == "merge":
         out = api.merge(recipe, adapter=args.adapter, out_dir=args.out)
         print(f"dstune: merged model saved to {out}")
+    elif args.command == "export":
+        record = api.export(recipe, spec=f"{args.format}:{args.quant}", model=args.model)
+        print(f"dstune: {record['format']}:{record['quant']} written to {record['artifact']}: "
+              f"{record['bytes'] / 1e6:.1f} MB ({100 * record['size_ratio']:.1f}% of fp32), {record['metric']} "
+              f"{record['score']:.4f} vs fp32 {record['fp32_score']:.4f} (retention {record['retention']:.3f}, "
+              f"gate {record['min_retention']}: passed)")
     elif args.command == "chat":
         _chat_loop(args, recipe)
     return 0
@@ -166,7 +184,18 @@ def dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors a user can act on become one line and an exit code (2 bad input, 1 runtime)."""
-    args = build_parser().parse_args(argv)
+    # transformers imports torchao when it is installed, and torchao logs the CUDA kernels a CPU build cannot load
+    # and torch deprecations on every start: noise in front of dstune's own output.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after the options (`dstune export r.yaml --quant int4 export.min_retention=0.9`).
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "allow_pickle", False):
         from ..models.safety import allow_pickle

@@ -11,20 +11,37 @@ from pathlib import Path
 import torch
 
 
+def _plain_tensors(name: str, tensor: torch.Tensor, digest) -> list[tuple[str, torch.Tensor]]:
+    """A tensor's plain parts: itself, or a subclass's inner tensors (its type and attributes go into `digest`)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(tensor):
+        return [(name, tensor)]
+    inner, attributes = tensor.__tensor_flatten__()
+    # The attributes tell int8 from int8 weight-only (same qdata and scale, different matmul): hash them too.
+    digest.update(f"{name}{type(tensor).__name__}{attributes!r}".encode())
+    return [part for key in inner for part in _plain_tensors(f"{name}.{key}", getattr(tensor, key), digest)]
+
+
 def model_fingerprint(model) -> str:
     """A hash of the weights: trainable tensors (adapters) in full, frozen ones by shape and a strided sample.
 
     Any training step changes a trainable tensor, and a different checkpoint differs in its sampled values;
     hashing every frozen byte of a 14B model would take longer than the generation it saves.
     """
+    # A model that is not a torch module (the ONNX Runtime GenAI wrapper) hashes its own files.
+    if callable(getattr(model, "fingerprint", None)):
+        return model.fingerprint()
     digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
-            if not param.requires_grad and flat.numel() > 65536:
-                flat = flat[:: flat.numel() // 4096]
-            digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-            digest.update(flat.float().cpu().numpy().tobytes())
+            # Quantized weights cannot be reshaped or read as floats; their int8 data and scales can.
+            for part_name, part in _plain_tensors(name, param.detach(), digest):
+                flat = part.reshape(-1)
+                if not param.requires_grad and flat.numel() > 65536:
+                    flat = flat[:: flat.numel() // 4096]
+                digest.update(f"{part_name}{tuple(part.shape)}{part.dtype}".encode())
+                digest.update(flat.float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

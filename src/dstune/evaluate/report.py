@@ -1,4 +1,4 @@
-"""The run report: report.json (machine-readable, schema dstune.report/2), report.md and report.html (with plots)."""
+"""The run report: report.json (machine-readable, schema dstune.report/3), report.md and report.html (with plots)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def _tiers(result: dict | None) -> dict | None:
 
 
 def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_summary: dict | None,
-                 artifacts: dict, comparison: dict | None = None) -> dict:
-    """Base vs tuned on the three tiers, training cost and artifact paths in one dictionary (schema dstune.report/2)."""
+                 artifacts: dict, comparison: dict | None = None, exports: list[dict] | None = None) -> dict:
+    """Base vs tuned on the three tiers, training cost, exports and artifact paths (schema dstune.report/3)."""
     comparison = comparison or {}
     metrics = sorted(set((base or {}).get("metrics", {})) | set((tuned or {}).get("metrics", {})))
     rows = {}
@@ -59,7 +59,7 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         training["loss_curve"] = [[e["step"], e["loss"]] for e in history if "loss" in e and "step" in e]
         training["dev_loss_curve"] = [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e]
     return {
-        "schema": "dstune.report/2",
+        "schema": "dstune.report/3",
         "recipe": recipe_name,
         "machine": {
             "cpu": cpu_name(),
@@ -77,6 +77,8 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         "eval_tokens_per_second": {
             "base": (base or {}).get("tokens_per_second"), "tuned": (tuned or {}).get("tokens_per_second"),
         },
+        # One record per export (dstune.export.artifacts.export_and_score): size, retention, the gate's verdict.
+        "exports": exports or [],
         "artifacts": artifacts,
     }
 
@@ -138,6 +140,23 @@ def metrics_table(report: dict) -> str:
                          f"{_fmt(t.get('pass_rates', {}).get(name))} |")
         lines.append(f"| completion rate (all pass) | {_fmt(b.get('completion_rate'))} | "
                      f"{_fmt(t.get('completion_rate'))} |")
+    if report.get("exports"):
+        lines += ["", exports_table(report["exports"])]
+    return "\n".join(lines)
+
+
+def exports_table(exports: list[dict]) -> str:
+    """Markdown table of the exports: size against fp32, domain score and its retention, the gate."""
+    lines = ["| export | weights MB | % of fp32 | domain score | retention | completion rate | eval tokens/s | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in exports:
+        gate = f"{'passed' if r['passed'] else 'FAILED'} (min {r['min_retention']})"
+        size = f"{100 * r['size_ratio']:.1f}%" if r.get("size_ratio") is not None else "-"
+        speed = "cached" if r.get("eval_tokens_per_second") is None and r.get("cached_answers") else \
+            _fmt(r.get("eval_tokens_per_second"))
+        lines.append(f"| {r['format']}:{r['quant']} | {r['bytes'] / 1e6:.1f} | {size} | {r['metric']} "
+                     f"{_with_ci(r['score'], _ci(r.get('ci')))} (fp32 {_fmt(r['fp32_score'])}) | {_fmt(r['retention'])} | "
+                     f"{_fmt(r.get('completion_rate'))} | {speed} | {gate} |")
     return "\n".join(lines)
 
 
@@ -220,4 +239,16 @@ def report_pngs(report: dict) -> dict[str, bytes]:
             ax.legend()
         ax.set(ylabel="tuned / base (perplexity: base / tuned)", title="General ability retention")
         pngs["retention"] = figure_png(fig)
+    exports = report.get("exports") or []
+    if exports:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [f"{r['format']}:{r['quant']}" for r in exports]
+        ax.bar(names, [r["retention"] for r in exports],
+               color=["tab:green" if r["passed"] else "tab:red" for r in exports])
+        ax.axhline(exports[0]["min_retention"], color="k", linestyle="--", label=f"gate {exports[0]['min_retention']}")
+        for i, r in enumerate(exports):
+            ax.annotate(f"{100 * (r.get('size_ratio') or 0):.0f}% size", (i, r["retention"]), ha="center", va="bottom")
+        ax.set(ylabel="domain score / fp32", title="Exports: retention (and size vs fp32)")
+        ax.legend()
+        pngs["exports"] = figure_png(fig)
     return pngs

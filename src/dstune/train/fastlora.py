@@ -20,6 +20,8 @@ goes through peft's forward unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,14 +87,15 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
 
-def _peft_linear():
+def peft_lora_linear() -> type:
+    """peft's LoRA Linear class (imported late: peft is slow to import)."""
     from peft.tuners.lora.layer import Linear
 
     return Linear
 
 
 def _fused_class():
-    base = _peft_linear()
+    base = peft_lora_linear()
 
     class FastLoraLinear(base):
         """peft's LoRA Linear whose training forward is one fused autograd node (see the module docstring)."""
@@ -127,20 +130,15 @@ def _fused_class():
     return FastLoraLinear
 
 
-_FUSED: type | None = None
-
-
+@functools.cache
 def fused_lora_class() -> type:
     """The FastLoraLinear class (built once: it subclasses peft's, which is imported lazily)."""
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = _fused_class()
-    return _FUSED
+    return _fused_class()
 
 
 def enable_fused_lora(model: nn.Module) -> int:
     """Switch every plain peft LoRA Linear of the model to the fused training path; returns how many."""
-    peft_linear, fused = _peft_linear(), fused_lora_class()
+    peft_linear, fused = peft_lora_linear(), fused_lora_class()
     count = 0
     for module in model.modules():
         if type(module) is peft_linear and type(module.get_base_layer()) is nn.Linear:
@@ -149,12 +147,18 @@ def enable_fused_lora(model: nn.Module) -> int:
     return count
 
 
-def disable_fused_lora(model: nn.Module) -> int:
-    """Undo enable_fused_lora (the weights never changed); returns how many layers went back."""
-    fused = fused_lora_class()
+def restore_lora_class(model: nn.Module, cls: type, attributes: tuple[str, ...] = ()) -> int:
+    """Give the layers swapped to `cls` peft's LoRA Linear class back (dropping `attributes`); returns how many."""
     count = 0
     for module in model.modules():
-        if type(module) is fused:
-            module.__class__ = _peft_linear()
+        if type(module) is cls:
+            module.__class__ = peft_lora_linear()
+            for name in attributes:
+                delattr(module, name)
             count += 1
     return count
+
+
+def disable_fused_lora(model: nn.Module) -> int:
+    """Undo enable_fused_lora (the weights never changed); returns how many layers went back."""
+    return restore_lora_class(model, fused_lora_class())

@@ -33,6 +33,7 @@ from .fastlora import enable_fused_lora
 from .guards import NonFiniteGuard, Preemption
 from .loss import supervised_lm_loss
 from .packing import PackingCollator
+from .qat import disable_qat, enable_qat
 from .sampler import ShuffledLengthGroupedSampler
 
 
@@ -415,7 +416,11 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         text = [t for s in train_set[:64] for t in s["input_ids"]]
         model.init_from_activations(torch.tensor(text[:4 * recipe.data.max_length]))
     trainable, total = model.get_nb_trainable_parameters()
-    fused = enable_fused_lora(model) if recipe.train.fused_lora and recipe.train.method in ("lora", "dora") else 0
+    qat = recipe.train.qat
+    # QAT replaces the fused path on the layers it covers: its forward uses the fake-quantized merged weight.
+    qat_layers = enable_qat(model, qat.scheme, qat.group_size) if qat else 0
+    fuses = recipe.train.fused_lora and recipe.train.method in ("lora", "dora") and not qat
+    fused = enable_fused_lora(model) if fuses else 0
     if recipe.train.packs:
         collator = PackingCollator(tokenizer.pad_token_id, recipe.train.pack_width or recipe.data.max_length,
                                    model.config._attn_implementation, model.dtype)
@@ -472,6 +477,8 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         preemption.uninstall()
         trainer.sample_log.close()
     seconds = time.perf_counter() - start
+    # The in-memory model is then the fp32 one that is evaluated, merged and quantized by the export.
+    disable_qat(model)
     adapter_dir = run_dir / "adapter"
     if preemption.stopped_at is not None:
         return TrainResult(adapter_dir, {"stage": "train", "preempted_at_step": preemption.stopped_at}, model,
@@ -502,6 +509,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "packing": recipe.train.packs,
         "padding_fraction": round(collator.padding_fraction, 4),
         "fused_lora_layers": fused,
+        "qat": {"scheme": qat.scheme, "group_size": qat.group_size, "layers": qat_layers} if qat else None,
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "step_seconds": [round(t, 4) for t in timer.seconds],
         "best_metric": {recipe.train.metric: trainer.state.best_metric} if args.load_best_model_at_end else None,

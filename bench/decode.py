@@ -1,0 +1,197 @@
+"""Decode speed of each export against HF `generate` in fp32 eager (../shared/BENCHMARKS.md).
+
+What runs, in one process and in alternating rounds (A B C ... A B C ...), on the demo's merged model:
+- the baseline: transformers `generate`, fp32, eager attention, greedy, batch 1;
+- each export of `--formats` (default: torchao int8, ONNX fp32 / int8 / int4 through onnxruntime-genai; GGUF through
+  llama-cpp-python only if it is installed, which it is not by default).
+For each: prefill tokens/s (a `--prompt-tokens` prompt, time to the first new token), decode tokens/s (the next
+`--new-tokens` tokens), weight bytes on disk and as a share of fp32, peak RSS (a separate process per format), the
+domain-score retention from the export's record (written by `dstune export` / `dstune run`, or scored here), and
+decode tokens/s as a fraction of (memory read bandwidth measured now / weight bytes read per token).
+
+    PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml          # full: 5 rounds
+    PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml --quick  # 3 rounds, shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+
+BASELINE = "hf:fp32"
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a large `torch.sum` (the memory read ceiling of BENCHMARKS.md rule 3)."""
+    data = torch.ones(256 * 1024 * 1024 // 4)  # 256 MB, far beyond the caches
+    data.sum()
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
+
+
+def load_variant(spec: str, recipe, merged: Path):
+    """(model, tokenizer, weight bytes, record) of the baseline or of an export, exported here if missing."""
+    from dstune.export.artifacts import weight_bytes
+    from dstune.export.formats import get_format
+    from dstune.models.loading import load_tokenizer
+
+    if spec == BASELINE:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, attn_implementation="eager")
+        return model.eval(), load_tokenizer(merged), weight_bytes(merged), None
+    name, quant = spec.split(":")
+    fmt = get_format(name, quant)
+    out = recipe.run_dir / "exports" / f"{name}-{quant}"
+    record_file = out / "dstune_export.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else None
+    artifact = Path(record["artifact"]) if record else fmt.export(merged, out, quant)
+    model, tokenizer = fmt.load(artifact, merged)
+    return model, tokenizer, weight_bytes(artifact), record
+
+
+def prompt_ids(tokenizer, length: int) -> torch.Tensor:
+    """A clinical-sounding prompt cut to exactly `length` tokens."""
+    text = " ".join(["Type 2 diabetes mellitus with diabetic chronic kidney disease, stage 3, and hypertension."] * 40)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
+    assert ids.shape[1] == length, "prompt text too short"
+    return ids
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> float:
+    """Seconds to generate exactly `new_tokens` greedy tokens after the prompt (no stop token ends it early)."""
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=[], pad_token_id=pad_id)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens, f"generated {out.shape[1] - ids.shape[1]} of {new_tokens}"
+    return seconds
+
+
+def peak_rss(spec: str, args) -> float:
+    """Peak RSS in MB of a fresh process that loads this variant and decodes once."""
+    command = [sys.executable, __file__, "--recipe", args.recipe, "--rss-of", spec, "--prompt-tokens",
+               str(args.prompt_tokens), "--new-tokens", "8"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"{spec}: {proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/icd10_lora.yaml")
+    parser.add_argument("--formats", default="torchao:int8,onnx:fp32,onnx:int8,onnx:int4")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 32 new tokens")
+    parser.add_argument("--rss-of", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="bench/results/decode.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.new_tokens = 3, 32
+
+    from dstune.config import load_recipe
+    from dstune.export.artifacts import export_and_score, scoring_recipe, test_records
+
+    recipe = load_recipe(args.recipe)
+    merged = recipe.run_dir / "merged"
+    if not (merged / "config.json").is_file():
+        sys.exit(f"{merged}: no merged model; run `make demo` (or `dstune run {args.recipe}`) first")
+    if args.rss_of:
+        model, tokenizer, _, _ = load_variant(args.rss_of, recipe, merged)
+        timed_generate(model, prompt_ids(tokenizer, args.prompt_tokens), args.new_tokens, tokenizer.pad_token_id)
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+        status = Path("/proc/self/status").read_text().splitlines()
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
+        return
+
+    specs = [BASELINE] + [s for s in args.formats.split(",") if s]
+    if "llama_cpp" not in sys.modules:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("bench: llama-cpp-python is not installed, so GGUF decode is not measured", flush=True)
+    variants = {spec: load_variant(spec, recipe, merged) for spec in specs}
+    ids = prompt_ids(variants[BASELINE][1], args.prompt_tokens)
+    pad = variants[BASELINE][1].pad_token_id
+    for model, *_ in variants.values():  # warm-up: first-call allocations and kernel selection
+        timed_generate(model, ids, 4, pad)
+    times = {spec: {"prefill": [], "total": []} for spec in specs}
+    for _ in range(args.rounds):
+        for spec, (model, *_) in variants.items():
+            times[spec]["prefill"].append(timed_generate(model, ids, 1, pad))
+            times[spec]["total"].append(timed_generate(model, ids, args.new_tokens, pad))
+    bandwidth = read_bandwidth()
+    fp32_bytes = variants[BASELINE][2]
+    reference = None
+    rows = {}
+    for spec in specs:
+        _, tokenizer, size, record = variants[spec]
+        if spec != BASELINE and record is None:  # no record from a run: score the export here
+            if reference is None:
+                base_model = variants[BASELINE][0]
+                from dstune.evaluate.tiers import evaluate_tiers
+
+                reference = evaluate_tiers(scoring_recipe(recipe), base_model, tokenizer, test_records(recipe))
+            record = export_and_score(recipe, spec, merged, reference)
+        prefill = statistics.median(times[spec]["prefill"])
+        decode = statistics.median([t - p for t, p in zip(times[spec]["total"], times[spec]["prefill"])])
+        decode_tps = (args.new_tokens - 1) / decode
+        rows[spec] = {
+            "prefill_tokens_per_second": round(args.prompt_tokens / prefill, 1),
+            "decode_tokens_per_second": round(decode_tps, 2),
+            "weight_bytes": size, "size_percent_of_fp32": round(100 * size / fp32_bytes, 1),
+            "bandwidth_bound_fraction": round(decode_tps / (bandwidth / size), 3),
+            "retention": record["retention"] if record else 1.0,
+            "domain_score": record["score"] if record else None, "passed_gate": record["passed"] if record else None,
+            "peak_rss_mb": round(peak_rss(spec, args), 1),
+            "repetitions": times[spec],
+        }
+    base = rows[BASELINE]
+    for row in rows.values():
+        row["decode_speedup"] = round(row["decode_tokens_per_second"] / base["decode_tokens_per_second"], 2)
+        row["prefill_speedup"] = round(row["prefill_tokens_per_second"] / base["prefill_tokens_per_second"], 2)
+    result = {
+        "benchmark": "decode", "machine": machine(), "memory_read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "settings": {"model": str(merged), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                     "rounds": args.rounds, "batch": 1, "greedy": True,
+                     "baseline": "transformers generate, fp32, eager attention, greedy, batch 1",
+                     "order": "alternating rounds over all variants; medians"},
+        "variants": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nmemory read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, batch 1, median of {args.rounds} alternating rounds\n")
+    print("| variant | decode tok/s | vs baseline | prefill tok/s | vs baseline | weights MB | % of fp32 | "
+          "% of bandwidth bound | peak RSS MB | retention |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec, r in rows.items():
+        name = "HF generate fp32 eager (baseline)" if spec == BASELINE else spec
+        print(f"| {name} | {r['decode_tokens_per_second']:.1f} | {r['decode_speedup']:.2f}x | "
+              f"{r['prefill_tokens_per_second']:.0f} | {r['prefill_speedup']:.2f}x | {r['weight_bytes'] / 1e6:.0f} | "
+              f"{r['size_percent_of_fp32']:.1f}% | {100 * r['bandwidth_bound_fraction']:.0f}% | "
+              f"{r['peak_rss_mb']:.0f} | {r['retention']:.3f} |")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
