@@ -2,8 +2,8 @@
 
 What runs, in one process and in alternating rounds (A B C ... A B C ...), on the demo's merged model:
 - the baseline: transformers `generate`, fp32, eager attention, greedy, batch 1;
-- each export of `--formats` (default: torchao int8, ONNX fp32 / int8 / int4 through onnxruntime-genai; GGUF through
-  llama-cpp-python only if it is installed, which it is not by default).
+- each export of `--formats` (default: torchao int8, ONNX fp32 / int8 / int4 through onnxruntime-genai). GGUF is not
+  timed: dstune loads it back through transformers, dequantized to fp32, which says nothing about llama.cpp's speed.
 For each: prefill tokens/s (a `--prompt-tokens` prompt, time to the first new token), decode tokens/s (the next
 `--new-tokens` tokens), weight bytes on disk and as a share of fp32, peak RSS (a separate process per format), the
 domain-score retention from the export's record (written by `dstune export` / `dstune run`, or scored here), and
@@ -43,8 +43,14 @@ def read_bandwidth() -> float:
     return data.numel() * 4 / statistics.median(times)
 
 
+def record_file(spec: str, recipe) -> Path:
+    """Where `dstune export` / `dstune run` left an export's record (artifact, size, retention)."""
+    name, quant = spec.split(":")
+    return recipe.run_dir / "exports" / f"{name}-{quant}" / "dstune_export.json"
+
+
 def load_variant(spec: str, recipe, merged: Path):
-    """(model, tokenizer, weight bytes, record) of the baseline or of an export, exported here if missing."""
+    """(model, tokenizer, weight bytes, record) of the baseline, or of an export that has a record."""
     from dstune.export.artifacts import weight_bytes
     from dstune.export.formats import get_format
     from dstune.models.loading import load_tokenizer
@@ -54,13 +60,9 @@ def load_variant(spec: str, recipe, merged: Path):
 
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, attn_implementation="eager")
         return model.eval(), load_tokenizer(merged), weight_bytes(merged), None
-    name, quant = spec.split(":")
-    fmt = get_format(name, quant)
-    out = recipe.run_dir / "exports" / f"{name}-{quant}"
-    record_file = out / "dstune_export.json"
-    record = json.loads(record_file.read_text()) if record_file.is_file() else None
-    artifact = Path(record["artifact"]) if record else fmt.export(merged, out, quant)
-    model, tokenizer = fmt.load(artifact, merged)
+    record = json.loads(record_file(spec, recipe).read_text())
+    artifact = Path(record["artifact"])
+    model, tokenizer = get_format(*spec.split(":")).load(artifact, merged)
     return model, tokenizer, weight_bytes(artifact), record
 
 
@@ -124,12 +126,19 @@ def main() -> None:
         return
 
     specs = [BASELINE] + [s for s in args.formats.split(",") if s]
-    if "llama_cpp" not in sys.modules:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            print("bench: llama-cpp-python is not installed, so GGUF decode is not measured", flush=True)
-    variants = {spec: load_variant(spec, recipe, merged) for spec in specs}
+    if any(s.startswith("gguf:") for s in specs):
+        sys.exit("bench: GGUF is not timed here (see the docstring); time it with llama.cpp's llama-bench")
+    variants = {BASELINE: load_variant(BASELINE, recipe, merged)}
+    reference = None
+    for spec in specs[1:]:
+        if not record_file(spec, recipe).is_file():  # not exported by a run yet: export and score it here, once
+            if reference is None:
+                from dstune.evaluate.tiers import evaluate_tiers
+
+                base_model, tokenizer = variants[BASELINE][:2]
+                reference = evaluate_tiers(scoring_recipe(recipe), base_model, tokenizer, test_records(recipe))
+            export_and_score(recipe, spec, merged, reference)
+        variants[spec] = load_variant(spec, recipe, merged)
     ids = prompt_ids(variants[BASELINE][1], args.prompt_tokens)
     pad = variants[BASELINE][1].pad_token_id
     for model, *_ in variants.values():  # warm-up: first-call allocations and kernel selection
@@ -141,17 +150,9 @@ def main() -> None:
             times[spec]["total"].append(timed_generate(model, ids, args.new_tokens, pad))
     bandwidth = read_bandwidth()
     fp32_bytes = variants[BASELINE][2]
-    reference = None
     rows = {}
     for spec in specs:
-        _, tokenizer, size, record = variants[spec]
-        if spec != BASELINE and record is None:  # no record from a run: score the export here
-            if reference is None:
-                base_model = variants[BASELINE][0]
-                from dstune.evaluate.tiers import evaluate_tiers
-
-                reference = evaluate_tiers(scoring_recipe(recipe), base_model, tokenizer, test_records(recipe))
-            record = export_and_score(recipe, spec, merged, reference)
+        size, record = variants[spec][2:]
         prefill = statistics.median(times[spec]["prefill"])
         decode = statistics.median([t - p for t, p in zip(times[spec]["total"], times[spec]["prefill"])])
         decode_tps = (args.new_tokens - 1) / decode

@@ -168,7 +168,10 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     exports = []
     if merged_dir and tuned and recipe.export.formats:
         print(f"dstune: [6/7] exporting {', '.join(recipe.export.formats)} and scoring each against fp32", flush=True)
-        exports = [export_and_score(recipe, spec, merged_dir, tuned) for spec in recipe.export.formats]
+        # The tuned model gives the merged model's answers, unless it ran on a 4-bit base (QLoRA): then score the
+        # full-precision merge that the exports are made from.
+        reference = merged_reference(recipe, merged_dir) if recipe.model.load_in_4bit else tuned
+        exports = [export_and_score(recipe, spec, merged_dir, reference) for spec in recipe.export.formats]
     else:
         print("dstune: [6/7] no export (export.formats is empty, or nothing was merged)", flush=True)
 
@@ -194,6 +197,12 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     return report
 
 
+def merged_reference(recipe: Recipe, merged_dir: Path) -> dict:
+    """The merged model's scores in full precision (never a QLoRA recipe's 4-bit load): what exports are held to."""
+    loaded, tokenizer = load(recipe, merged_dir, full_precision=True)
+    return evaluate_tiers(scoring_recipe(recipe), loaded, tokenizer, test_records(recipe), progress="eval fp32")
+
+
 def export(recipe, overrides: list[str] | None = None, spec: str = "onnx:int8", model: str | Path | None = None) -> dict:
     """Export a merged model (default runs/<name>/merged) as `format:quant`, score it against the fp32 model, gate it.
 
@@ -209,10 +218,7 @@ def export(recipe, overrides: list[str] | None = None, spec: str = "onnx:int8", 
         raise InputError(f"{merged_dir}: no merged model; run `dstune merge` (or `dstune run`) first, or give --model")
     if not (recipe.run_dir / "data" / "test.jsonl").is_file():
         build_dataset(recipe)
-    loaded, tokenizer = load(recipe, merged_dir)
-    reference = evaluate_tiers(scoring_recipe(recipe), loaded, tokenizer, test_records(recipe), progress="eval fp32")
-    del loaded
-    record = export_and_score(recipe, spec, merged_dir, reference)
+    record = export_and_score(recipe, spec, merged_dir, merged_reference(recipe, merged_dir))
     report_file = recipe.run_dir / "report.json"
     if report_file.is_file():
         report = json.loads(report_file.read_text())

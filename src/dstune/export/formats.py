@@ -53,8 +53,3 @@ def get_format(name: str, quant: str) -> ExportFormat:
     if quant not in fmt.quants:
         raise InputError(f"export format {name!r} writes {', '.join(fmt.quants)}, not {quant!r}")
     return fmt
-
-
-def artifact_bytes(path: Path) -> int:
-    """Size on disk of a file or of every file in a folder."""
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -119,17 +119,18 @@ class DstuneTrainer(Trainer):
         self._micro_batch = 0
         if self.sample_log is not None:
             self.sample_log.write(step, int(self.state.epoch or 0), ids)
-        norm = float(grad_norm) if grad_norm is not None else 0.0
-        loss_value = float(loss) if loss is not None else None
-        bad = not math.isfinite(norm) or (loss_value is not None and not math.isfinite(loss_value))
+        device = loss.device if loss is not None else self.args.device
+        values = torch.stack([torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32,
+                                              device=device).reshape(()),
+                              loss if loss is not None else torch.zeros((), device=device)])
+        flag = (~torch.isfinite(values)).any().float().reshape(1)
         if self.args.world_size > 1:  # all ranks skip or stop together
-            flag = torch.tensor([float(bad)], device=self.args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item())
-        if not bad:
+        if not flag.item():  # the step's one device sync
             self.nonfinite.good_step()
             return grad_norm
         last = ckpt.latest_checkpoint(Path(self.args.output_dir))
+        norm, loss_value = float(values[0]), float(values[1]) if loss is not None else None
         self.nonfinite.bad_step(step, loss_value, norm, ids, str(last) if last else None)
         model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient: nothing moves
         return grad_norm
