@@ -361,8 +361,9 @@ def _flat(value, prefix: str = "") -> dict:
     return {prefix[:-1]: value}
 
 
-def resume_checkpoint(resume: bool | str | Path, root: Path, fingerprint: dict, main_process: bool) -> Path:
-    """The complete checkpoint to resume from, after checking it is safe to load and matches the recipe."""
+def resume_checkpoint(resume: bool | str | Path, root: Path, fingerprint: dict,
+                      main_process: bool) -> tuple[Path, dict]:
+    """The complete checkpoint to resume from and its dstune state, checked to be safe and to match the recipe."""
     if resume is True:
         if main_process:
             for path in ckpt.remove_incomplete(root):
@@ -384,7 +385,7 @@ def resume_checkpoint(resume: bool | str | Path, root: Path, fingerprint: dict, 
                 raise InputError(f"{found}: written with {name} = {before[key]!r}, and the recipe now gives "
                                  f"{now[key]!r}; an exact resume needs the same settings and data (or start over "
                                  "without --resume)")
-    return found
+    return found, saved
 
 
 def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Path = False) -> TrainResult:
@@ -431,8 +432,8 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     checkpoints = run_dir / "checkpoints"
     args = training_arguments(recipe, checkpoints, bool(dev_set), any("messages" in r for r in dev_records))
     fingerprint = run_fingerprint(recipe, data_dir)
-    resume_from = resume_checkpoint(resume, checkpoints, fingerprint, args.process_index == 0) if resume else None
-    saved = ckpt.load_state(resume_from) if resume_from else {}
+    resume_from, saved = (resume_checkpoint(resume, checkpoints, fingerprint, args.process_index == 0) if resume
+                          else (None, {}))
     if resume_from:
         print(f"dstune: resuming from {resume_from} (step {ckpt.step_of(resume_from)})", flush=True)
     elif args.process_index == 0 and checkpoints.is_dir():
