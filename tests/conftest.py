@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from tiny import tiny_config  # noqa: E402
+from tiny import make_tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,20 +33,6 @@ def tokenizer(tokenizer_dir):
     from dstune.models.loading import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
-
-
-def make_tiny_model_dir(path: Path, model_type: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Save a tiny random model of `model_type` with the test tokenizer as an HF directory."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size=49152))
-    model.save_pretrained(path)
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, path / item.name)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,11 @@
 """Tiny random model configs (Llama, Qwen2, DeepSeek-V3) that build in well under a second."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, tie_word_embeddings=False,
             # Wide enough init that a frozen LM head can still express a confident answer after the final norm.
@@ -21,3 +27,20 @@ def tiny_config(model_type: str, vocab_size: int):
             q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **TINY,
         )
     raise ValueError(model_type)
+
+
+def make_tiny_model_dir(path: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, **config) -> Path:
+    """Save a tiny random model of `model_type` with the test tokenizer as an HF directory (config: overrides)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = tiny_config(model_type, vocab_size=49152)
+    for key, value in config.items():
+        setattr(settings, key, value)
+    model = AutoModelForCausalLM.from_config(settings)
+    model.save_pretrained(path)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, path / item.name)
+    return path

@@ -1,5 +1,6 @@
 """The ONNX export: fp32 greedy decoding equals PyTorch's, int8/int4 run and shrink, and nothing is downloaded."""
 
+import json
 import socket
 
 import numpy as np
@@ -14,6 +15,7 @@ from dstune.evaluate.generate import generate
 from dstune.export.artifacts import weight_bytes
 from dstune.export.formats import get_format
 from dstune.export.onnx import GenaiModel, export_onnx, load_onnx
+from tiny import make_tiny_model_dir
 
 PROMPTS = ["The quick brown fox", "Hello", "What is the capital of France? Answer in one word please"]
 NEW_TOKENS = 16
@@ -117,6 +119,85 @@ def test_int8_and_int4_run_and_shrink(exports, tokenizer):
             assert argmax_agreement(model, fp32, tokenizer) > 0.6
     # int4 / fp32 weight bytes on the tiny model: 0.19 (the embedding and LM head, 97% of it, quantized too).
     assert weight_bytes(exports("llama", "int4")) < 0.25 * weight_bytes(exports("llama", "fp32"))
+
+
+def embedding_lookup(artifact, ids: list[int]) -> np.ndarray:
+    """The export's own embedding nodes (Reshape -> GatherBlockQuantized -> Slice) run alone in onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = onnx.load(artifact / "model.onnx").graph
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    lookup = next(node for node in graph.node if node.op_type == "GatherBlockQuantized")
+    chain = ([producers[lookup.input[0]]] if lookup.input[0] in producers else []) + [lookup]
+    chain += [node for node in graph.node if node.op_type == "Slice" and lookup.output[0] in node.input]
+    sub = helper.make_model(helper.make_graph(
+        chain, "lookup", [helper.make_tensor_value_info("input_ids", TensorProto.INT32, [1, None])],
+        [helper.make_tensor_value_info(chain[-1].output[0], TensorProto.FLOAT, None)],
+        [initializers[name] for node in chain for name in node.input if name in initializers],
+    ), opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": np.asarray([ids], np.int32)})[0][0]
+
+
+def int8_steps(table: np.ndarray, block: int) -> np.ndarray:
+    """Per element of a [rows, cols] table: one int8 step (its block's max |w| / 127)."""
+    padded = np.pad(np.abs(table), ((0, 0), (0, -table.shape[1] % block))).reshape(len(table), -1, block)
+    return np.repeat(padded.max(-1) / 127, block, axis=1)[:, :table.shape[1]]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_export_has_an_int8_embedding_shared_with_a_tied_lm_head(tied, exports, tiny_model_dirs, tokenizer_dir,
+                                                                     tmp_path):
+    import onnx
+    from safetensors.numpy import load_file
+
+    if tied:  # hidden 48 is not a whole number of 32-blocks: the LM head pads its rows, the lookup slices them off
+        source = make_tiny_model_dir(tmp_path / "tied", "llama", tokenizer_dir, tie_word_embeddings=True,
+                                     hidden_size=48)
+        artifact = export_onnx(source, tmp_path / "tied-int8", "int8")
+    else:
+        source, artifact = tiny_model_dirs["llama"], exports("llama", "int8")
+    table = load_file(source / "model.safetensors")["model.embed_tokens.weight"]
+    vocab, hidden = table.shape
+    graph = onnx.load(artifact / "model.onnx", load_external_data=False).graph
+    big = {i.name: onnx.TensorProto.DataType.Name(i.data_type) for i in graph.initializer if vocab in i.dims}
+    # No fp32 table is left; a tied model keeps one int8 table (the LM head's), an untied one two.
+    assert set(big.values()) == {"UINT8", "FLOAT"} and sum(t == "FLOAT" for t in big.values()) == (1 if tied else 2)
+    record = json.loads((artifact / "dstune_onnx.json").read_text())["embedding"]
+    assert record["bits"] == 8 and record["tied"] is tied
+    ids = [0, 5, vocab - 1, 1234, 777]
+    rows = embedding_lookup(artifact, ids)
+    assert rows.shape == (len(ids), hidden)
+    # Within one int8 step of the fp32 rows (half a step from rounding, a whole one where a block end is clamped).
+    assert (np.abs(rows - table[ids]) <= int8_steps(table[ids], record["block_size"]) * 1.0001 + 1e-9).all()
+    assert not np.array_equal(rows, table[ids])  # and really quantized
+    if tied:  # the lookup reads the LM head's own int8 weight: its rows are the LM head's dequantized rows
+        weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(artifact / "model.onnx").graph.initializer}
+        codes, scales = weights[record["table"]], weights[record["table"].replace("_Q8", "_scales")]
+        head = ((codes[ids].astype(np.float32) - 128) * scales[ids][..., None]).reshape(len(ids), -1)[:, :hidden]
+        assert np.array_equal(rows, head)
+    model = GenaiModel(artifact)
+    assert len(model.greedy(ids, 4, set())) == 4
+    if not tied:
+        # int8 / fp32 weight bytes: 0.28 (0.56 with the fp32 table the builder leaves).
+        assert weight_bytes(artifact) < 0.3 * weight_bytes(source)
+
+
+def test_decoding_uses_every_cpu_unless_told(exports):
+    import os
+
+    from dstune.export.onnx import session_threads
+
+    artifact = exports("llama", "int8")
+    assert GenaiModel(artifact).threads == len(os.sched_getaffinity(0))
+    assert GenaiModel(artifact, threads=1).threads == 1
+    # A thread count in the artifact's own genai_config.json is kept.
+    config = json.loads((artifact / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = 3
+    assert session_threads(config) is None and session_threads(config, 2) == 2
 
 
 def test_fingerprint_hashes_the_onnx_files(exports, tiny_model_dirs):

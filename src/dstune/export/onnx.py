@@ -4,17 +4,24 @@ The builder writes model.onnx (+ model.onnx.data): a decoder with GroupQueryAtte
 execution provider; genai_config.json; and the tokenizer files. Llama and Qwen2 architectures only (the ones tested).
 - fp32: the weights as they are; greedy decoding matches PyTorch's token for token.
 - int8, int4: the builder's own precisions (int8 is `precision="int8"` in 0.18, not an extra option): weight-only
-  MatMulNBits, block-wise (one scale per 32 or 16 weights of a column), activations quantized to int8 inside the
+  MatMulNBits, block-wise (one scale per 64 or 16 weights of a column), activations quantized to int8 inside the
   kernel (accuracy_level 4, the builder's CPU default).
-Measured on SmolLM2-135M-Instruct (6 prompts, 307 teacher-forced tokens: the share of positions whose argmax
-equals the fp32 export's; size of model.onnx.data against fp32's 540 MB; greedy tokens/s on 2 cores, fp32 15.6):
-- int8, block 32: 97.7%, 0.49x (the tied embedding stays fp32: int8 Gather is not supported), 36 tok/s.
-  accuracy_level 1 (fp32 activations) gained 1.7 points but ran at 2 tok/s.
+- int8 also gets an int8 embedding (`quantize_embedding`): the builder writes int8 MatMuls but leaves the embedding
+  Gather in fp32, so dstune swaps it for onnxruntime's GatherBlockQuantized over the LM head's own int8 weight when
+  the two are tied (SmolLM2), or over an int8 copy of the table when they are not.
+Measured on the demo's tuned SmolLM2-135M-Instruct (size of the weights against fp32's 538 MB; the test split's
+exact match against the fp32 model's 0.760, 300 descriptions; greedy decode tokens/s on 2 cores, 2 threads):
+- int8, block 64, int8 embedding shared with the LM head: 27.0%, exact match 0.767 (95.3% identical answers),
+  95 tok/s. Block 32: 28.6%, 0.770 (97.3%), 85 tok/s. Block 32 with the builder's fp32 embedding: 49.6%, 0.757.
+  Block 128 pads the 576-wide rows to 640 (K must fill whole blocks): 28.5%, larger than block 64. Scales are fp32
+  (the activations' type), so with 576-wide rows int8 cannot go below ~26.6% of fp32 in MatMulNBits.
+  accuracy_level 1 (fp32 activations) gained 1.7 points of teacher-forced agreement but ran at 2 tok/s.
 - int4, block 16, the llama.cpp "mixed" layers (first and last eighth, every third qkv/v/down) in int8 and the
-  embedding in int4: 82.4%, 0.21x, 43 tok/s. Plain int4 block 32: 71.3%; block 16: 79.2%. k_quant rounding with
-  those mixed layers reached 86.0% at 0.25x, but took 8x longer to build and leaves untied embeddings fp32.
-  An int8 LM head added 1 to 5 points, but the builder's tied-embedding graph breaks with it (a missing
-  initializer), so the LM head stays int4.
+  embedding in int4: 21.1%, exact match 0.710 (retention 0.934), 85 tok/s. Teacher-forced argmax agreement with
+  fp32 on 6 prompts: 82.4%; plain int4 block 32: 71.3%; block 16: 79.2%. k_quant rounding with those mixed layers
+  reached 86.0% at 25%, but took 8x longer to build and leaves untied embeddings fp32.
+  QAT (`train.qat: {scheme: int4, group_size: 16}`) lifts the int4 export's retention from 0.891 to 0.968
+  (bench/results/qat.json).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -37,7 +46,7 @@ QUANTS = ("fp32", "int8", "int4")
 # The builder's --extra_options per precision; numbers in the module docstring.
 BUILDER_OPTIONS = {
     "fp32": {},
-    "int8": {"block_size": "32", "accuracy_level": "4"},
+    "int8": {"block_size": "64", "accuracy_level": "4"},
     "int4": {"block_size": "16", "accuracy_level": "4", "op_types_to_quantize": "MatMul/Gather",
              "matmul_mixed_precision": "mixed_layers:int8"},
 }
@@ -48,6 +57,24 @@ def _check_architecture(merged_dir: Path) -> None:
     architecture = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
     if architecture not in ARCHITECTURES:
         raise InputError(f"{merged_dir}: ONNX export supports {' and '.join(ARCHITECTURES)}, not {architecture!r}")
+
+
+@contextlib.contextmanager
+def _logging_to(stream):
+    """Send log records to `stream` for a while, then put the root logger back as it was.
+
+    onnxruntime's quantizer calls logging.basicConfig(level=INFO) when imported, which would print every node it
+    visits to stderr (and leave the root logger at INFO for the rest of the process). With a handler already in
+    place, basicConfig does nothing.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = [logging.StreamHandler(stream)]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
 
 
 def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
@@ -68,7 +95,7 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
     # Offline mode turns any hub request the builder might make into an error instead of a download.
     offline = mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with tempfile.TemporaryDirectory() as cache_dir, offline, (out_dir / "builder.log").open("w") as log, \
-            contextlib.redirect_stdout(log):
+            contextlib.redirect_stdout(log), _logging_to(log):
         try:
             extra = parse_extra_options(None, str(merged_dir), str(out_dir), quant, "cpu", cache_dir,
                                         [f"{k}={v}" for k, v in options.items()])
@@ -76,11 +103,113 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
         except Exception as exc:  # the builder raises bare Exceptions, ValueErrors and ORT errors alike
             raise DstuneError(f"ONNX export of {merged_dir} failed in onnxruntime-genai's builder: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        embedding = quantize_embedding(out_dir, int(BUILDER_OPTIONS[quant]["block_size"])) if quant == "int8" else None
     (out_dir / "dstune_onnx.json").write_text(json.dumps({
+        "embedding": embedding,
         "format": "onnx", "quant": quant, "source": str(merged_dir), "execution_provider": "cpu",
         "builder_options": BUILDER_OPTIONS[quant], "onnxruntime_genai": onnxruntime_genai.__version__,
     }, indent=2))
     return out_dir
+
+
+def _symmetric_int8_blocks(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' int8 layout of a [rows, cols] table: uint8 codes (zero point 128) and one fp32 scale per block."""
+    blocks = _pad_blocks(table, block)
+    scales = np.abs(blocks).max(-1) / 127.0
+    scales[scales == 0] = 1.0
+    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return codes.astype(np.uint8).reshape(len(table), -1), scales.astype(np.float32)
+
+
+def quantize_embedding(folder: Path, block: int) -> dict | None:
+    """Replace an int8 export's fp32 embedding Gather with an int8 GatherBlockQuantized (onnxruntime's contrib op).
+
+    The builder quantizes embeddings to int4 only, so its int8 graph keeps the whole [vocab, hidden] table in fp32
+    (21% of SmolLM2-135M's weights, half of the int8 export's bytes). Tied embeddings (SmolLM2, most small models)
+    then read the LM head's int8 MatMulNBits weight itself, reshaped to [vocab, hidden]: one copy of the table on
+    disk, and lookups that equal the LM head's dequantized rows exactly. An untied table is quantized here to the
+    same layout (symmetric, blocks of `block` along hidden, zero point 128). Returns what was done, or None when
+    the graph has no fp32 embedding Gather.
+    """
+    import onnx_ir as ir
+
+    path = folder / "model.onnx"
+    model = ir.load(path)
+    graph = model.graph
+    gather = next((n for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+                   and n.inputs[0].is_initializer() and n.inputs[1] is not None
+                   and n.inputs[1].is_graph_input()), None)
+    if gather is None:
+        return None
+    table = gather.inputs[0]
+    vocab, hidden = table.shape.dims
+    head = next((n for n in graph if n.op_type == "MatMulNBits" and n.outputs[0].is_graph_output()
+                 and n.attributes["N"].value == vocab and n.attributes["K"].value == hidden
+                 and n.attributes["bits"].value == 8 and n.attributes["block_size"].value == block), None)
+    padded = -(-hidden // block) * block
+    nodes = []
+    if head is not None and _is_tied(head, table):
+        shape = ir.Value(name=f"{gather.name}/int8_shape", const_value=ir.tensor(np.array([vocab, padded], np.int64)))
+        graph.register_initializer(shape)
+        reshape = ir.node("Reshape", [head.inputs[1], shape], name=f"{gather.name}/Reshape_int8")
+        nodes.append(reshape)
+        codes, scales, tied = reshape.outputs[0], head.inputs[2], True
+    else:
+        q, s = _symmetric_int8_blocks(table.const_value.numpy(), block)
+        codes = ir.Value(name=f"{table.name}_Q8", const_value=ir.tensor(q))
+        scales = ir.Value(name=f"{table.name}_scales", const_value=ir.tensor(s))
+        graph.register_initializer(codes)
+        graph.register_initializer(scales)
+        tied = False
+    lookup = ir.node("GatherBlockQuantized", [codes, gather.inputs[1], scales], domain="com.microsoft",
+                     attributes={"bits": 8, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+                     name=f"{gather.name}BlockQuantized")
+    nodes.append(lookup)
+    output = lookup.outputs[0]
+    if padded != hidden:  # the padding columns of the last block
+        bounds = [ir.Value(name=f"{gather.name}/int8_slice_{k}", const_value=ir.tensor(np.array([v], np.int64)))
+                  for k, v in (("start", 0), ("end", hidden), ("axis", -1))]
+        for value in bounds:
+            graph.register_initializer(value)
+        nodes.append(ir.node("Slice", [output, *bounds], name=f"{gather.name}/Slice_int8"))
+        output = nodes[-1].outputs[0]
+    graph.insert_before(gather, nodes)
+    output.dtype, output.shape = gather.outputs[0].dtype, gather.outputs[0].shape
+    gather.outputs[0].replace_all_uses_with(output)
+    graph.remove(gather, safe=True)
+    del graph.initializers[table.name]
+    if not any(opset == "com.microsoft" for opset in model.opset_imports):
+        model.opset_imports["com.microsoft"] = 1
+    # Written next to the old files, then moved over them: the tensors being saved are read from the old data file.
+    tmp = folder / ".int8-embedding"
+    tmp.mkdir(exist_ok=True)
+    ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+    for name in ("model.onnx", "model.onnx.data"):
+        (tmp / name).replace(folder / name)
+    tmp.rmdir()
+    return {"op": "GatherBlockQuantized", "bits": 8, "block_size": block, "tied": tied,
+            "table": head.inputs[1].name if tied else codes.name}
+
+
+def _is_tied(head, table) -> bool:
+    """Whether the LM head's int8 weight is a quantization of the embedding table (checked on 64 rows).
+
+    Tied: each dequantized value is within one quantization step of the table's (half a step from rounding, a
+    whole one where the far end of a block is clamped to the code range). Untied weights are not.
+    """
+    vocab, hidden = table.shape.dims
+    rows = np.linspace(0, vocab - 1, 64).astype(np.int64)
+    scales = head.inputs[2].const_value.numpy()[rows]
+    codes = head.inputs[1].const_value.numpy()[rows].reshape(len(rows), scales.shape[1], -1).astype(np.float32)
+    steps = np.abs(np.broadcast_to(scales[..., None], codes.shape)).reshape(len(rows), -1)[:, :hidden]
+    dequantized = ((codes - 128) * scales[..., None]).reshape(len(rows), -1)[:, :hidden]  # padding codes are 0
+    # onnxruntime's int8 blocks have scale = -m/128 (m: the value of largest magnitude), negative when m > 0.
+    return bool((np.abs(dequantized - table.const_value.numpy()[rows]) <= steps * 1.0001 + 1e-12).all())
+
+
+def _pad_blocks(table: np.ndarray, block: int) -> np.ndarray:
+    """[rows, cols] -> [rows, blocks, block], zero-padded."""
+    return np.pad(table.astype(np.float32), ((0, 0), (0, -table.shape[1] % block))).reshape(table.shape[0], -1, block)
 
 
 def files_fingerprint(folder: Path) -> str:
@@ -100,10 +229,24 @@ def files_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def session_threads(config: dict, threads: int | None = None) -> int | None:
+    """onnxruntime's intra-op threads: `threads`, else the artifact's own setting (None: keep it), else every CPU
+    this process may use.
+
+    Left to itself, onnxruntime-genai ran this 2-core machine's decoding on one thread: 50 tok/s where two give 95
+    (SmolLM2-135M int8, docs/deploy.md). The artifact itself names no thread count: the machine it is deployed on decides.
+    """
+    if threads:
+        return threads
+    if "intra_op_num_threads" in config["model"]["decoder"].get("session_options", {}):
+        return None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 class GenaiModel:
     """An onnxruntime-genai model with the part of a transformers model that dstune's generation loop uses."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime_genai as og
 
         self.path = Path(path)
@@ -111,6 +254,10 @@ class GenaiModel:
         settings = og.Config(str(self.path))
         # No built-in EOS: generate() stops on the caller's eos_token_id list, as transformers does.
         settings.overlay(json.dumps({"model": {"eos_token_id": []}}))
+        self.threads = session_threads(self.config, threads)
+        if self.threads:
+            settings.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": self.threads}}}}))
         self.model = og.Model(settings)
         self.context_length = self.config["model"]["context_length"]
         self.device = torch.device("cpu")
