@@ -41,9 +41,10 @@ COMMON = ["train.lora.dropout=0", "eval.general.enabled=false", "export.formats=
 def run_variant(recipe_path: str, variant: str) -> dict:
     """Train, merge, score fp32 and each export of one variant; the row of the results file."""
     from dstune import api
+    from dstune.config import load_recipe
     from dstune.export.artifacts import export_and_score
 
-    recipe = api._recipe(recipe_path, [*COMMON, *VARIANTS[variant], f"name={api._recipe(recipe_path).name}-{variant}"])
+    recipe = load_recipe(recipe_path, [*COMMON, *VARIANTS[variant], f"name={load_recipe(recipe_path).name}-{variant}"])
     start = time.perf_counter()
     trained = api.train(recipe)
     train_seconds = time.perf_counter() - start
