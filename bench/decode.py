@@ -2,12 +2,23 @@
 
 What runs, in one process and in alternating rounds (A B C ... A B C ...), on the demo's merged model:
 - the baseline: transformers `generate`, fp32, eager attention, greedy, batch 1;
-- each export of `--formats` (default: torchao int8, ONNX fp32 / int8 / int4 through onnxruntime-genai). GGUF is not
-  timed: dstune loads it back through transformers, dequantized to fp32, which says nothing about llama.cpp's speed.
+- each export of `--formats` (default: torchao int8, ONNX fp32 / int8 / int4 through onnxruntime-genai, and GGUF
+  Q8_0 / Q4_0 when llama-cpp-python is installed). GGUF is timed in llama.cpp itself (llama-cpp-python, greedy, the
+  same token ids): dstune's own GGUF loader dequantizes to fp32 through transformers, which says nothing about
+  llama.cpp's speed. Its retention is the export record's (scored through that loader, so llama.cpp's own int8
+  arithmetic is not part of it); the bench also checks that llama.cpp's greedy tokens equal the baseline's on the
+  timing prompt.
 For each: prefill tokens/s (a `--prompt-tokens` prompt, time to the first new token), decode tokens/s (the next
 `--new-tokens` tokens), weight bytes on disk and as a share of fp32, peak RSS (a separate process per format), the
 domain-score retention from the export's record (written by `dstune export` / `dstune run`, or scored here), and
 decode tokens/s as a fraction of (memory read bandwidth measured now / weight bytes read per token).
+
+llama-cpp-python compiles llama.cpp for the CPU it is built on (GGML_NATIVE). This VM's /proc/cpuinfo lists AMX and
+AVX512-BF16, which it does not provide, and such a build dies with an illegal instruction in the Q8_0 kernels. Build
+it for the instructions that are really there, e.g.:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_INT8=OFF" \
+        pip install llama-cpp-python
 
     PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml          # full: 5 rounds
     PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml --quick  # 3 rounds, shorter
@@ -29,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 BASELINE = "hf:fp32"
+DEFAULT_FORMATS = "torchao:int8,onnx:fp32,onnx:int8,onnx:int4"
 
 
 def read_bandwidth() -> float:
@@ -49,6 +61,32 @@ def record_file(spec: str, recipe) -> Path:
     return recipe.run_dir / "exports" / f"{name}-{quant}" / "dstune_export.json"
 
 
+class LlamaCppModel:
+    """A GGUF file in llama.cpp (llama-cpp-python) behind the part of `generate` that timed_generate calls."""
+
+    def __init__(self, path: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=1, min_new_tokens=0, do_sample=False,
+                 eos_token_id=None, pad_token_id=None):
+        # Greedy (top_k 1), no stop token: exactly max_new_tokens, as the other variants decode here.
+        tokens = []
+        for token in self.llm.generate(input_ids[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            tokens.append(token)
+            if len(tokens) == max_new_tokens:
+                break
+        return torch.cat([input_ids, torch.tensor([tokens])], dim=1)
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def load_variant(spec: str, recipe, merged: Path):
     """(model, tokenizer, weight bytes, record) of the baseline, or of an export that has a record."""
     from dstune.export.artifacts import weight_bytes
@@ -62,6 +100,8 @@ def load_variant(spec: str, recipe, merged: Path):
         return model.eval(), load_tokenizer(merged), weight_bytes(merged), None
     record = json.loads(record_file(spec, recipe).read_text())
     artifact = Path(record["artifact"])
+    if spec.startswith("gguf:"):
+        return LlamaCppModel(artifact, torch.get_num_threads()), load_tokenizer(merged), weight_bytes(artifact), record
     model, tokenizer = get_format(*spec.split(":")).load(artifact, merged)
     return model, tokenizer, weight_bytes(artifact), record
 
@@ -99,7 +139,7 @@ def peak_rss(spec: str, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/icd10_lora.yaml")
-    parser.add_argument("--formats", default="torchao:int8,onnx:fp32,onnx:int8,onnx:int4")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -126,8 +166,10 @@ def main() -> None:
         return
 
     specs = [BASELINE] + [s for s in args.formats.split(",") if s]
-    if any(s.startswith("gguf:") for s in specs):
-        sys.exit("bench: GGUF is not timed here (see the docstring); time it with llama.cpp's llama-bench")
+    if args.formats == DEFAULT_FORMATS and llama_cpp_installed():
+        specs += ["gguf:q8_0", "gguf:q4_0"]
+    if any(s.startswith("gguf:") for s in specs) and not llama_cpp_installed():
+        sys.exit("bench: timing GGUF needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
     variants = {BASELINE: load_variant(BASELINE, recipe, merged)}
     reference = None
     for spec in specs[1:]:
@@ -141,8 +183,13 @@ def main() -> None:
         variants[spec] = load_variant(spec, recipe, merged)
     ids = prompt_ids(variants[BASELINE][1], args.prompt_tokens)
     pad = variants[BASELINE][1].pad_token_id
-    for model, *_ in variants.values():  # warm-up: first-call allocations and kernel selection
-        timed_generate(model, ids, 4, pad)
+    agreement = {}  # warm-up (first-call allocations, kernel selection), and each variant's greedy tokens
+    for spec, (model, *_) in variants.items():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=[], pad_token_id=pad)
+        agreement[spec] = out[0, ids.shape[1]:].tolist()
+    reference_tokens = agreement[BASELINE]
     times = {spec: {"prefill": [], "total": []} for spec in specs}
     for _ in range(args.rounds):
         for spec, (model, *_) in variants.items():
@@ -164,6 +211,9 @@ def main() -> None:
             "retention": record["retention"] if record else 1.0,
             "domain_score": record["score"] if record else None, "passed_gate": record["passed"] if record else None,
             "peak_rss_mb": round(peak_rss(spec, args), 1),
+            # New tokens, of the timing prompt's greedy continuation, before the first that differs from the baseline.
+            "greedy_tokens_as_baseline": next((i for i, (a, b) in enumerate(zip(agreement[spec], reference_tokens))
+                                               if a != b), len(reference_tokens)),
             "repetitions": times[spec],
         }
     base = rows[BASELINE]
@@ -183,14 +233,14 @@ def main() -> None:
     print(f"\nmemory read bandwidth {bandwidth / 1e9:.1f} GB/s; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens, batch 1, median of {args.rounds} alternating rounds\n")
     print("| variant | decode tok/s | vs baseline | prefill tok/s | vs baseline | weights MB | % of fp32 | "
-          "% of bandwidth bound | peak RSS MB | retention |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"% of bandwidth bound | peak RSS MB | retention | greedy tokens as baseline (of {args.new_tokens}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, r in rows.items():
         name = "HF generate fp32 eager (baseline)" if spec == BASELINE else spec
         print(f"| {name} | {r['decode_tokens_per_second']:.1f} | {r['decode_speedup']:.2f}x | "
               f"{r['prefill_tokens_per_second']:.0f} | {r['prefill_speedup']:.2f}x | {r['weight_bytes'] / 1e6:.0f} | "
               f"{r['size_percent_of_fp32']:.1f}% | {100 * r['bandwidth_bound_fraction']:.0f}% | "
-              f"{r['peak_rss_mb']:.0f} | {r['retention']:.3f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['retention']:.3f} | {r['greedy_tokens_as_baseline']} |")
     print(f"\nwritten to {args.out}")
 
 
