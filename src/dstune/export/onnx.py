@@ -147,15 +147,16 @@ def quantize_embedding(folder: Path, block: int) -> dict | None:
                  and n.attributes["N"].value == vocab and n.attributes["K"].value == hidden
                  and n.attributes["bits"].value == 8 and n.attributes["block_size"].value == block), None)
     padded = -(-hidden // block) * block
+    values = table.const_value.numpy()  # read once: the tie check and an untied table's quantization both need it
     nodes = []
-    if head is not None and _is_tied(head, table):
+    if head is not None and _is_tied(head, values):
         shape = ir.Value(name=f"{gather.name}/int8_shape", const_value=ir.tensor(np.array([vocab, padded], np.int64)))
         graph.register_initializer(shape)
         reshape = ir.node("Reshape", [head.inputs[1], shape], name=f"{gather.name}/Reshape_int8")
         nodes.append(reshape)
         codes, scales, tied = reshape.outputs[0], head.inputs[2], True
     else:
-        q, s = _symmetric_int8_blocks(table.const_value.numpy(), block)
+        q, s = _symmetric_int8_blocks(values, block)
         codes = ir.Value(name=f"{table.name}_Q8", const_value=ir.tensor(q))
         scales = ir.Value(name=f"{table.name}_scales", const_value=ir.tensor(s))
         graph.register_initializer(codes)
@@ -191,20 +192,20 @@ def quantize_embedding(folder: Path, block: int) -> dict | None:
             "table": head.inputs[1].name if tied else codes.name}
 
 
-def _is_tied(head, table) -> bool:
+def _is_tied(head, table: np.ndarray) -> bool:
     """Whether the LM head's int8 weight is a quantization of the embedding table (checked on 64 rows).
 
     Tied: each dequantized value is within one quantization step of the table's (half a step from rounding, a
     whole one where the far end of a block is clamped to the code range). Untied weights are not.
     """
-    vocab, hidden = table.shape.dims
+    vocab, hidden = table.shape
     rows = np.linspace(0, vocab - 1, 64).astype(np.int64)
     scales = head.inputs[2].const_value.numpy()[rows]
     codes = head.inputs[1].const_value.numpy()[rows].reshape(len(rows), scales.shape[1], -1).astype(np.float32)
     steps = np.abs(np.broadcast_to(scales[..., None], codes.shape)).reshape(len(rows), -1)[:, :hidden]
     dequantized = ((codes - 128) * scales[..., None]).reshape(len(rows), -1)[:, :hidden]  # padding codes are 0
     # onnxruntime's int8 blocks have scale = -m/128 (m: the value of largest magnitude), negative when m > 0.
-    return bool((np.abs(dequantized - table.const_value.numpy()[rows]) <= steps * 1.0001 + 1e-12).all())
+    return bool((np.abs(dequantized - table[rows]) <= steps * 1.0001 + 1e-12).all())
 
 
 def _pad_blocks(table: np.ndarray, block: int) -> np.ndarray:
