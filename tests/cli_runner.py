@@ -117,6 +117,7 @@ def _child(case: dict) -> None:
 def _drive() -> None:
     import dstune.api  # noqa: F401  (the heavy imports, once, before forking)
     import dstune.cli.main  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401  (loaded by every model load; dstune.api no longer needs it)
 
     for line in sys.stdin:
         case = json.loads(line)

@@ -17,8 +17,8 @@ from .export.artifacts import export_and_score, gate_failures, scoring_recipe, t
 from .export.formats import get_format
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
-from .train.trainer import TrainResult
-from .train.trainer import train as train_stage
+from .train.loop import TrainResult
+from .train.loop import train as train_stage
 from .tuners.methods import is_mergeable, load_adapters
 
 
@@ -53,11 +53,13 @@ def train(recipe, overrides: list[str] | None = None, resume: bool | str | Path 
 
     `resume=True` continues from the newest complete checkpoint, a path from that checkpoint.
     """
+    import torch
     from accelerate import PartialState
 
     recipe = _recipe(recipe, overrides)
-    # Under torchrun the main process builds the dataset; the others wait, then read it.
-    with PartialState().main_process_first():
+    # Under torchrun the main process builds the dataset; the others wait, then read it. (On CPUs accelerate sees
+    # the torchrun ranks only when told it runs on CPUs; the state is shared with the loop's Accelerator.)
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         if not (recipe.run_dir / "data" / "train.jsonl").is_file():
             build_dataset(recipe)
     return train_stage(recipe, resume=resume)

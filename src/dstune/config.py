@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -141,80 +142,6 @@ class DataConfig(StrictModel):
     replay: ReplayConfig = ReplayConfig()
 
 
-class LoraConfigSection(StrictModel):
-    """peft LoRA options."""
-
-    r: int = 16
-    alpha: int = 32
-    # peft's default; on CPUs the dropout masks (one per adapted module) cost ~40% of the forward pass.
-    dropout: float = 0.0
-    # "auto" takes the preset of the model's architecture (see dstune.tuners.targets).
-    targets: list[str] | Literal["auto", "all-linear"] = "auto"
-    # DeepSeek-V3/MoE: also adapt the fused routed experts through peft `target_parameters`.
-    routed_experts: bool = False
-    # rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, which keeps large ranks learning.
-    use_rslora: bool = False
-
-
-class PrefixConfigSection(StrictModel):
-    """peft Prefix-Tuning options, and the multi-task shared prefix."""
-
-    # Virtual key/value positions per layer (per task, when `tasks` is set).
-    num_virtual_tokens: int = Field(16, ge=1)
-    # activations: start from the base model's own keys and values of real text (the training prompts), so
-    # training starts at the base model's loss; random: peft's N(0, 1) init, which starts far above it.
-    init: Literal["activations", "random"] = "activations"
-    # Reparameterise the prefix through an MLP while training (Li & Liang); saved as plain prefixes.
-    projection: bool = False
-    projection_hidden: int = Field(512, ge=1)
-    # Multi-task: a prefix of `shared_tokens` shared by all tasks, followed by each task's own prefix.
-    tasks: list[str] = []
-    shared_tokens: int = Field(16, ge=1)
-
-    @field_validator("tasks")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("task names must be unique")
-        return value
-
-
-class StagesSection(StrictModel):
-    """Staged activation of bottleneck adapters: layer groups switch on one after another."""
-
-    # When each group switches on, in `unit`s; the first group is on from its start value.
-    starts: list[int] = Field(min_length=1)
-    unit: Literal["steps", "epochs"] = "steps"
-    # top_down: the group of the top layers comes first (the seed's progressive fine-tuning).
-    order: Literal["top_down", "bottom_up"] = "top_down"
-
-    @field_validator("starts")
-    @classmethod
-    def _ascending(cls, value: list[int]) -> list[int]:
-        if any(a > b for a, b in zip(value, value[1:])) or value[0] < 0:
-            raise ValueError("must be non-negative and ascending, one start per stage")
-        return value
-
-
-class AdapterConfigSection(StrictModel):
-    """Bottleneck adapter options (dstune's own peft method)."""
-
-    # Bottleneck width r: each adapter is d -> r -> d with a residual.
-    r: int = Field(64, ge=1)
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    # houlsby: after attention and after the MLP; pfeiffer: after the MLP only.
-    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
-    dropout: float = 0.0
-    stages: StagesSection | None = None
-
-
-class IA3ConfigSection(StrictModel):
-    """peft IA3 options."""
-
-    # "auto": keys, values and the MLP down-projection (inputs scaled) of the architecture's preset.
-    targets: list[str] | Literal["auto"] = "auto"
-
-
 class QatConfig(StrictModel):
     """Quantization-aware LoRA training: the forward pass fake-quantizes the merged weight as the export will."""
 
@@ -226,14 +153,17 @@ class QatConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Fine-tuning schedule and early stopping."""
+    """Fine-tuning: the method and objective plugins, the schedule, checkpoints and early stopping.
 
-    # lora, dora (LoRA with weight decomposition), prefix, adapter (bottleneck) or ia3.
-    method: Literal["lora", "dora", "prefix", "adapter", "ia3"] = "lora"
-    lora: LoraConfigSection = LoraConfigSection()
-    prefix: PrefixConfigSection = PrefixConfigSection()
-    adapter: AdapterConfigSection = AdapterConfigSection()
-    ia3: IA3ConfigSection = IA3ConfigSection()
+    Every registered method and objective adds its options section here under its own name (`train.lora`,
+    `train.prefix`, ...): see `recipe_model`.
+    """
+
+    # A PEFT method from the registry (dstune.plugins.METHODS): lora, dora, prefix, bottleneck, ia3, or a plugin's.
+    method: str = "lora"
+    # A training objective from the registry (dstune.plugins.OBJECTIVES): sft (supervised cross-entropy), or a
+    # plugin's.
+    objective: str = "sft"
     learning_rate: float | None = None
     # If learning_rate is not set it is lr_fraction x pretrain_learning_rate (the 1/10 rule by default).
     pretrain_learning_rate: float | None = None
@@ -277,25 +207,47 @@ class TrainConfig(StrictModel):
     preemption_grace_seconds: float = Field(120.0, gt=0)
     seed: int = 42
 
-    @model_validator(mode="after")
-    def _packing_method(self) -> TrainConfig:
-        if self.packing is True and self.method == "prefix":
-            raise ValueError("packing: prefix tuning prepends virtual tokens that every sample attends to, which a "
-                             "packed row cannot share; set train.packing to false or auto")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_method(cls, raw):
+        # `adapter` was the bottleneck method's old name; recipes that use it keep working, with a warning.
+        if isinstance(raw, dict) and (raw.get("method") == "adapter" or "adapter" in raw):
+            import sys
+
+            raw = dict(raw)
+            if raw.get("method") == "adapter":
+                raw["method"] = "bottleneck"
+            if "adapter" in raw:
+                raw.setdefault("bottleneck", raw.pop("adapter"))
+            print("dstune: warning: train.method 'adapter' and the train.adapter section are now called "
+                  "'bottleneck'; the old names will be removed", file=sys.stderr, flush=True)
+        return raw
 
     @model_validator(mode="after")
-    def _qat_lora(self) -> TrainConfig:
-        if self.qat and self.method != "lora":
+    def _plugins_accept(self) -> TrainConfig:
+        from .plugins import METHODS, OBJECTIVES
+
+        method = METHODS.get_plugin(self.method, "train.method")
+        OBJECTIVES.get_plugin(self.objective, "train.objective")
+        if self.packing is True and not method.packs:
+            raise ValueError(f"packing: {self.method} {method.packing_conflict}; set train.packing to false or auto")
+        if self.qat and not method.supports_qat:
             raise ValueError(f"qat: quantization-aware training covers method lora, not {self.method}")
-        if self.qat and self.lora.dropout > 0:
-            raise ValueError("qat: a merged weight cannot drop the LoRA input; set train.lora.dropout to 0")
+        method.check(self)
         return self
+
+    def options(self, name: str):
+        """The options section of the plugin `name` (a method or an objective)."""
+        return getattr(self, name)
 
     @property
     def packs(self) -> bool:
         """Whether batches are packed (auto: every method but prefix)."""
-        return self.method != "prefix" if self.packing == "auto" else self.packing
+        if self.packing != "auto":
+            return self.packing
+        from .plugins import METHODS
+
+        return METHODS[self.method].packs
 
     def resolved_learning_rate(self) -> float:
         """The learning rate to use, explicit or as a fraction of the pretraining LR."""
@@ -371,7 +323,7 @@ class Recipe(StrictModel):
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
 
@@ -404,8 +356,46 @@ def _closest(word: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _section_at(path: tuple, model: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+# Where plugins add their options sections: recipe section -> registries whose plugins each own `section.<name>`.
+PLUGIN_SECTIONS = {"train": ("METHODS", "OBJECTIVES")}
+_recipe_models: dict[tuple, type] = {}
+
+
+def recipe_model() -> type[Recipe]:
+    """The Recipe class with a section for every registered plugin that has options (rebuilt when one registers).
+
+    A method's options live under `train.<method name>`, an objective's under `train.<objective name>`: the
+    recipe is validated by the plugins' own pydantic classes, with the same one-line errors as built-in keys.
+    """
+    from pydantic import create_model
+
+    from . import plugins
+
+    registries = {section: [getattr(plugins, name) for name in names] for section, names in PLUGIN_SECTIONS.items()}
+    for found in registries.values():
+        for registry in found:
+            len(registry)  # load builtins and entry points before the version is read
+    key = tuple(r.version for found in registries.values() for r in found)
+    if key not in _recipe_models:
+        sections = {}
+        for section, found in registries.items():
+            base = Recipe.model_fields[section].annotation
+            fields = {}
+            for registry in found:
+                for name, plugin in registry.items():
+                    options = getattr(plugin, "options", None)
+                    if options is not None and name not in base.model_fields:
+                        fields[name] = (options, Field(default_factory=options))
+            sections[section] = create_model(base.__name__, __base__=base, __doc__=base.__doc__, **fields)
+        _recipe_models[key] = create_model(
+            "Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
+            **{section: (model, Field(default_factory=model)) for section, model in sections.items()})
+    return _recipe_models[key]
+
+
+def _section_at(path: tuple, model: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The config class found by walking `path` through the nested field annotations."""
+    model = model or recipe_model()
     for key in path:
         field = model.model_fields.get(str(key))
         if field is None:
@@ -470,7 +460,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (or dict), apply overrides, and validate it."""
     if isinstance(source, dict):
-        raw, label = dict(source), "recipe"
+        raw, label = copy.deepcopy(source), "recipe"  # overrides must not reach into the caller's nested dicts
     else:
         path = Path(source)
         label = str(path)
@@ -487,6 +477,6 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
         raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, overrides or [])
     try:
-        return Recipe.model_validate(raw)
+        return recipe_model().model_validate(raw)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc, label)) from None

@@ -114,7 +114,7 @@ def test_raw_text_records_for_continued_pretraining(tiny_recipe, tmp_path, field
     assert train[0]["meta"]["tokens"] == len(tokenizer(train[0]["text"], add_special_tokens=False)["input_ids"]) + 1
     quality = json.loads((out / "manifest.json").read_text())["quality"]
     assert quality["splits"]["train"]["dropped"] == {"empty_field": 1}
-    from dstune.train.trainer import train as train_stage
+    from dstune.train import train as train_stage
 
     result = train_stage(recipe)
     assert result.summary["train_loss"] > 0

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dstune import api
-from dstune.config import LoraConfigSection
+from dstune.tuners.lora import LoraOptions
 from dstune.errors import InputError
 from dstune.models import safety
 from dstune.models.loading import load_model, resolve_model_path
@@ -101,7 +101,7 @@ def test_cli_refuses_pickle_adapter_and_payloads_even_with_allow_pickle(tiny_rec
 def adapter_dir(tiny_model_dirs, tmp_path):
     """A LoRA adapter with non-zero B (so it changes the logits), saved as safetensors."""
     torch.manual_seed(1)
-    model = add_lora(load_model(tiny_model_dirs["llama"]), LoraConfigSection(r=4))
+    model = add_lora(load_model(tiny_model_dirs["llama"]), LoraOptions(r=4))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

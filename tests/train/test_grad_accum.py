@@ -1,31 +1,31 @@
 import torch
-from transformers import TrainerCallback
 
 from dstune import api
 from dstune.config import load_recipe
 
 
-class GradCapture(TrainerCallback):
-    """Keeps the LoRA gradients just before the first optimizer step."""
-
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def first_step_grads(tiny_recipe, monkeypatch, batch_size, grad_accum):
-    from dstune.train import trainer as trainer_module
+    """The trainable parameters' gradients as the first optimizer step sees them (after accumulation)."""
+    from dstune.train import loop
 
-    capture = GradCapture()
-    original = trainer_module.DstuneTrainer.__init__
+    grads = {}
+    build = loop.build_optimizer
 
-    def with_capture(self, *args, callbacks=None, **kwargs):
-        original(self, *args, callbacks=[*(callbacks or []), capture], **kwargs)
+    def capturing(model, objective, cfg):
+        optimizer = build(model, objective, cfg)
+        names = {p: n for n, p in model.named_parameters()}
+        step = optimizer.step
 
-    monkeypatch.setattr(trainer_module.DstuneTrainer, "__init__", with_capture)
+        def step_and_capture(*args, **kwargs):
+            if not grads:
+                grads.update({names[p]: p.grad.detach().clone() for group in optimizer.param_groups
+                              for p in group["params"] if p.grad is not None})
+            return step(*args, **kwargs)
+
+        optimizer.step = step_and_capture
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", capturing)
     recipe = load_recipe(tiny_recipe(
         name=f"ga{batch_size}x{grad_accum}",
         data={"dev_file": None, "test_file": None},
@@ -33,7 +33,7 @@ def first_step_grads(tiny_recipe, monkeypatch, batch_size, grad_accum):
     ))
     result = api.train(recipe)
     losses = [e["loss"] for e in result.summary["log_history"] if "loss" in e]
-    return capture.grads, losses[0]
+    return grads, losses[0]
 
 
 def test_batch_8_equals_batch_1_times_accumulation_8(tiny_recipe, monkeypatch, jsonl_dataset):

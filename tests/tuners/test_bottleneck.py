@@ -3,12 +3,13 @@
 import pytest
 import torch
 from peft import PeftConfig, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, TrainerState
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dstune import api
-from dstune.config import StagesSection, load_recipe
+from dstune.config import load_recipe
+from dstune.tuners.bottleneck import StagesOptions
 from dstune.tuners.bottleneck import BottleneckConfig, bottleneck_layers, parameters_per_adapter
-from dstune.tuners.staging import StagedActivationCallback
+from dstune.tuners.staging import StageSwitch
 from tiny import tiny_config
 
 
@@ -66,27 +67,24 @@ def test_staged_activation_turns_on_top_layers_first_and_frozen_stages_get_no_gr
     peft_model = get_peft_model(base(config=config), BottleneckConfig(task_type=TaskType.CAUSAL_LM, r=4))
     for _, layer in bottleneck_layers(peft_model):  # a non-zero up-projection lets gradient reach `down`
         torch.nn.init.normal_(layer.bottleneck_up["default"].weight, std=0.1)
-    callback = StagedActivationCallback(peft_model, StagesSection(starts=[0, 10], unit="steps"))
-    state = TrainerState()
+    stages = StageSwitch(peft_model, StagesOptions(starts=[0, 10], unit="steps"))
     x = torch.randint(0, 1000, (2, 8))
-    state.global_step = 0
-    callback.on_step_begin(None, state, None)
+    stages.update(step=0, epoch=0.0)
     peft_model(input_ids=x).logits.sum().backward()
     grads = adapter_grads(peft_model)
     on = {name for name, g in grads.items() if g}
     assert on == {f"base_model.model.model.layers.{i}.mlp" for i in (2, 3)}, grads
     assert all(grads[name] is None for name in grads if name not in on)
     peft_model.zero_grad(set_to_none=True)
-    state.global_step = 10
-    callback.on_step_begin(None, state, None)
+    stages.update(step=10, epoch=0.0)
     peft_model(input_ids=x).logits.sum().backward()
     assert all(adapter_grads(peft_model).values())
 
 
 def test_stages_in_training_leave_a_stage_that_never_starts_untouched(tiny_recipe):
     recipe = load_recipe(tiny_recipe(train={
-        "method": "adapter", "max_steps": 6, "learning_rate": 1e-2,
-        "adapter": {"r": 4, "stages": {"starts": [0, 1000], "order": "bottom_up"}},
+        "method": "bottleneck", "max_steps": 6, "learning_rate": 1e-2,
+        "bottleneck": {"r": 4, "stages": {"starts": [0, 1000], "order": "bottom_up"}},
     }))
     result = api.train(recipe)
     layers = dict(bottleneck_layers(result.model))

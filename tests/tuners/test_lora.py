@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dstune.config import LoraConfigSection
+from dstune.tuners.lora import LoraOptions
 from dstune.errors import InputError
 from dstune.tuners.lora import add_lora
 from dstune.tuners.methods import load_adapters, switch_adapter
@@ -22,14 +22,14 @@ def adapted_modules(peft_model):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_dense_preset_targets_attention_and_mlp(model_type):
-    modules = adapted_modules(add_lora(base(model_type), LoraConfigSection(r=4)))
+    modules = adapted_modules(add_lora(base(model_type), LoraOptions(r=4)))
     leaves = {m.rsplit(".", 1)[-1] for m in modules}
     assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert len(modules) == 7 * 2
 
 
 def test_deepseek_v3_preset_targets_mla_dense_and_shared_experts():
-    modules = adapted_modules(add_lora(base("deepseek_v3"), LoraConfigSection(r=4)))
+    modules = adapted_modules(add_lora(base("deepseek_v3"), LoraOptions(r=4)))
     expected = {f"model.layers.{i}.self_attn.{n}" for i in (0, 1)
                 for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
     expected |= {f"model.layers.0.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
@@ -39,8 +39,8 @@ def test_deepseek_v3_preset_targets_mla_dense_and_shared_experts():
 
 def test_deepseek_v3_routed_experts_through_target_parameters():
     with pytest.raises(InputError, match="train.lora.dropout: must be 0"):
-        add_lora(base("deepseek_v3"), LoraConfigSection(r=4, routed_experts=True, dropout=0.1))
-    model = add_lora(base("deepseek_v3"), LoraConfigSection(r=4, routed_experts=True, dropout=0.0))
+        add_lora(base("deepseek_v3"), LoraOptions(r=4, routed_experts=True, dropout=0.1))
+    model = add_lora(base("deepseek_v3"), LoraOptions(r=4, routed_experts=True, dropout=0.0))
     modules = adapted_modules(model)
     assert any("mlp.experts" in m for m in modules)
     assert "model.layers.1.mlp.shared_experts.gate_proj" in modules
@@ -52,7 +52,7 @@ def test_deepseek_v3_routed_experts_through_target_parameters():
 
 def test_routed_experts_on_dense_model_is_an_input_error():
     with pytest.raises(InputError, match="routed_experts"):
-        add_lora(base("llama"), LoraConfigSection(r=4, routed_experts=True, dropout=0.0))
+        add_lora(base("llama"), LoraOptions(r=4, routed_experts=True, dropout=0.0))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "deepseek_v3"])
@@ -61,7 +61,7 @@ def test_fresh_lora_is_identity_and_scaled(model_type):
     x = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         expected = reference(input_ids=x).logits
-    model = add_lora(base(model_type), LoraConfigSection(r=4, alpha=16))
+    model = add_lora(base(model_type), LoraOptions(r=4, alpha=16))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             assert torch.count_nonzero(param) == 0, name  # B = 0 at init
@@ -75,7 +75,7 @@ def test_save_load_and_switch_two_adapters(tmp_path):
     x = torch.randint(0, 300, (2, 7))
     outputs = {}
     for seed, name in [(1, "finance"), (2, "medicine")]:
-        model = add_lora(base("qwen2"), LoraConfigSection(r=4))
+        model = add_lora(base("qwen2"), LoraOptions(r=4))
         torch.manual_seed(seed)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -95,7 +95,7 @@ def test_save_load_and_switch_two_adapters(tmp_path):
 
 
 def test_pickle_adapter_is_refused(tmp_path):
-    model = add_lora(base("llama"), LoraConfigSection(r=4))
+    model = add_lora(base("llama"), LoraOptions(r=4))
     model.save_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
     with pytest.raises(InputError, match="adapter_model.bin: pickle weight file refused"):

@@ -18,11 +18,11 @@ CASES = [
     ("ia3", "deepseek_v3", 1e-1, {}),
     ("prefix", "llama", 1e-1, {"prefix": {"num_virtual_tokens": 8}}),
     ("prefix", "qwen2", 1e-1, {"prefix": {"num_virtual_tokens": 8, "projection": True, "projection_hidden": 32}}),
-    ("adapter", "llama", 2e-2, {"adapter": {"r": 8, "placement": "houlsby"}}),
-    ("adapter", "qwen2", 2e-2, {"adapter": {"r": 8, "placement": "pfeiffer", "activation": "gelu"}}),
-    ("adapter", "deepseek_v3", 2e-2, {"adapter": {"r": 8, "placement": "houlsby", "activation": "silu"}}),
+    ("bottleneck", "llama", 2e-2, {"bottleneck": {"r": 8, "placement": "houlsby"}}),
+    ("bottleneck", "qwen2", 2e-2, {"bottleneck": {"r": 8, "placement": "pfeiffer", "activation": "gelu"}}),
+    ("bottleneck", "deepseek_v3", 2e-2, {"bottleneck": {"r": 8, "placement": "houlsby", "activation": "silu"}}),
 ]
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "adapter": "BOTTLENECK"}
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "bottleneck": "BOTTLENECK"}
 TASKS = {"colours": lambda i: ["red", "green", "blue"][i % 3], "numbers": lambda i: ["one", "two"][i % 2]}
 
 
@@ -74,7 +74,9 @@ def test_method_trains_saves_loads_and_switches(tiny_recipe, tmp_path, method, m
 
 
 def test_unmergeable_methods_refuse_merge_with_one_line(tiny_recipe):
+    # `adapter` is the bottleneck method's old name: recipes that use it still load, as `bottleneck`.
     recipe = load_recipe(tiny_recipe(train={"method": "adapter", "max_steps": 1, "adapter": {"r": 4}}))
+    assert recipe.train.method == "bottleneck" and recipe.train.bottleneck.r == 4
     api.train(recipe)
     from dstune.errors import InputError
 

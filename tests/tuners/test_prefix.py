@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dstune.config import PrefixConfigSection
+from dstune.tuners.prefix import PrefixOptions
 from dstune.errors import InputError
 from dstune.tuners.methods import load_adapters
 from dstune.tuners.prefix import SHARED, add_prefix
@@ -38,7 +38,7 @@ def padded_batch():
 @pytest.mark.parametrize("projection", [False, True])
 def test_generation_continues_from_the_prefix_like_the_forward(model_type, projection):
     """peft 0.21 + transformers 5.x drops the prefix in generate (cache renamed); dstune's path must not."""
-    model = randomise(add_prefix(base(model_type), PrefixConfigSection(
+    model = randomise(add_prefix(base(model_type), PrefixOptions(
         num_virtual_tokens=4, projection=projection, projection_hidden=16)))
     model.eval()
     input_ids, mask = padded_batch()
@@ -60,7 +60,7 @@ def test_generation_continues_from_the_prefix_like_the_forward(model_type, proje
 def test_activation_init_reproduces_the_base_model_reading_that_text():
     """A prefix set to the base model's keys/values of text T makes the model behave as if T came first."""
     plain = base("qwen2")
-    model = add_prefix(base("qwen2"), PrefixConfigSection(num_virtual_tokens=6, init="activations"))
+    model = add_prefix(base("qwen2"), PrefixOptions(num_virtual_tokens=6, init="activations"))
     text = torch.randint(5, 1000, (6,))
     model.init_from_activations(text)
     query = torch.randint(5, 1000, (1, 5))
@@ -71,7 +71,7 @@ def test_activation_init_reproduces_the_base_model_reading_that_text():
 
 
 def multitask_model():
-    options = PrefixConfigSection(num_virtual_tokens=3, shared_tokens=4, tasks=["coding", "triage"])
+    options = PrefixOptions(num_virtual_tokens=3, shared_tokens=4, tasks=["coding", "triage"])
     return randomise(add_prefix(base("llama"), options), 0.5)
 
 
@@ -116,7 +116,7 @@ def test_multitask_prefix_saves_loads_and_generates_per_task(tmp_path):
 
 def test_prefix_refuses_mla_models_with_one_line():
     with pytest.raises(InputError, match="prefix tuning does not support deepseek_v3"):
-        add_prefix(base("deepseek_v3"), PrefixConfigSection())
+        add_prefix(base("deepseek_v3"), PrefixOptions())
 
 
 def test_multitask_prefix_recipe_trains_and_evaluates_each_task(tiny_recipe, tmp_path):
@@ -152,7 +152,7 @@ def test_multitask_prefix_early_stopping_restores_every_prefix_of_the_best_check
 
     from dstune import api
     from dstune.config import load_recipe
-    from dstune.train import trainer as trainer_module
+    from dstune.train import loop as trainer_module
 
     scores, snapshots = iter([0.1, 0.5, 0.2, 0.2]), {}
 

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dstune import api
-from dstune.config import LoraConfigSection, load_recipe
+from dstune.config import load_recipe
+from dstune.tuners.lora import LoraOptions
 from dstune.errors import InputError
 from dstune.models import loading
 from dstune.tuners.lora import add_lora
@@ -40,7 +41,7 @@ def test_qlora_without_bitsandbytes_is_one_line(tiny_recipe, monkeypatch):
 def test_rslora_scales_by_alpha_over_sqrt_r():
     torch.manual_seed(0)
     model = add_lora(AutoModelForCausalLM.from_config(tiny_config("llama", 1000)),
-                     LoraConfigSection(r=16, alpha=8, use_rslora=True))
+                     LoraOptions(r=16, alpha=8, use_rslora=True))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(16))
 
@@ -49,4 +50,4 @@ def test_dora_refuses_fused_experts_with_one_line():
     torch.manual_seed(0)
     with pytest.raises(InputError, match="DoRA cannot adapt fused routed experts"):
         add_lora(AutoModelForCausalLM.from_config(tiny_config("deepseek_v3", 1000)),
-                 LoraConfigSection(r=4, routed_experts=True), use_dora=True)
+                 LoraOptions(r=4, routed_experts=True), use_dora=True)

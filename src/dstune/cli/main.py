@@ -158,7 +158,7 @@ def dispatch(args) -> int:
         print(f"dstune: dataset written to {out} (report: {out / 'report.html'})")
     elif args.command == "train":
         result = api.train(recipe, resume=args.resume)
-        if not result.trainer.is_world_process_zero():  # under torchrun only rank 0 saves and reports
+        if not result.main_process:  # under torchrun only rank 0 saves and reports
             pass
         elif "preempted_at_step" in result.summary:
             print(api.preemption_message(result, command), flush=True)

@@ -1,4 +1,5 @@
-"""Training: the LoRA recipe on HF Trainer, with packing, a fused LoRA linear and a supervised-positions loss.
+"""Training: one explicit loop on accelerate (loop.py) with methods and objectives as plugins, packing, a fused LoRA
+linear and a supervised-positions loss.
 
 Names load on first use, so `dstune.train.loss` or `.packing` import without the trainer's stack (the GPU bench
 runs them where dstune's other dependencies are absent).
@@ -9,7 +10,8 @@ import importlib
 _EXPORTS = {
     "CausalCollator": ".collate", "PackingCollator": ".packing", "supervised_lm_loss": ".loss",
     "supervised_positions": ".loss", "linear_cross_entropy": ".loss", "enable_fused_lora": ".fastlora",
-    "DstuneTrainer": ".trainer", "TrainResult": ".trainer", "train": ".trainer",
+    "TrainResult": ".loop", "train": ".loop", "encode_records": ".loop", "Objective": ".objectives",
+    "LossOutput": ".objectives",
 }
 
 __all__ = sorted(_EXPORTS)

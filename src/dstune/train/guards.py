@@ -8,8 +8,6 @@ import signal
 import sys
 import threading
 
-from transformers import TrainerCallback
-
 from ..errors import DstuneError
 
 
@@ -58,7 +56,7 @@ class NonFiniteGuard:
               f"train.skip_nonfinite={self.skip}); batch sample ids: {_short(sample_ids)}", file=sys.stderr, flush=True)
 
 
-class Preemption(TrainerCallback):
+class Preemption:
     """On SIGTERM: finish the current optimizer step, write a checkpoint and stop, within a grace period.
 
     If the checkpoint is not written when the grace period ends, the process exits with code 1; the last complete
@@ -106,17 +104,12 @@ class Preemption(TrainerCallback):
               "`dstune train RECIPE --resume`", file=sys.stderr, flush=True)
         os._exit(1)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def should_stop(self, accelerator) -> bool:
+        """After an optimizer step: whether SIGTERM asked to stop (every rank decides the same: a collective)."""
         requested = self.requested
         if self.distributed:  # every rank has to stop at the same step, or the next collective hangs
             import torch
-            import torch.distributed as dist
 
-            flag = torch.tensor([float(requested)], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        if requested and state.global_step < state.max_steps:
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control
+            flag = torch.tensor([float(requested)], device=accelerator.device)
+            requested = bool(accelerator.reduce(flag, reduction="sum").item())
+        return requested

@@ -1,12 +1,33 @@
-"""LoRA and DoRA through peft: configs with per-architecture targets."""
+"""LoRA and DoRA through peft: the `lora` and `dora` methods, with per-architecture targets."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
-from ..config import LoraConfigSection
+from ..config import StrictModel
 from ..errors import InputError
+from ..plugins import METHODS
+from .method import Method
 from .targets import target_preset
+
+
+class LoraOptions(StrictModel):
+    """peft LoRA options (the recipe sections train.lora and, for DoRA, also train.lora)."""
+
+    r: int = 16
+    alpha: int = 32
+    # peft's default; on CPUs the dropout masks (one per adapted module) cost ~40% of the forward pass.
+    dropout: float = 0.0
+    # "auto" takes the preset of the model's architecture (see dstune.tuners.targets).
+    targets: list[str] | Literal["auto", "all-linear"] = "auto"
+    # DeepSeek-V3/MoE: also adapt the fused routed experts through peft `target_parameters`.
+    routed_experts: bool = False
+    # rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, which keeps large ranks learning.
+    use_rslora: bool = False
+
+
+LoraConfigSection = LoraOptions  # the name before methods became plugins
 
 
 @contextlib.contextmanager
@@ -30,7 +51,7 @@ def keep_moe_targets():
         conversion._MOE_FUSED_TARGETS.update(saved)
 
 
-def build_lora_config(model, options: LoraConfigSection, use_dora: bool = False):
+def build_lora_config(model, options: LoraOptions, use_dora: bool = False):
     """A peft LoraConfig for this model, with targets from the architecture preset when `auto`."""
     from peft import LoraConfig, TaskType
 
@@ -63,7 +84,7 @@ def build_lora_config(model, options: LoraConfigSection, use_dora: bool = False)
     )
 
 
-def add_lora(model, options: LoraConfigSection, adapter_name: str = "default", use_dora: bool = False):
+def add_lora(model, options: LoraOptions, adapter_name: str = "default", use_dora: bool = False):
     """Wrap a base model with a fresh, trainable LoRA (or DoRA) adapter; B = 0, so outputs start equal to the base."""
     from peft import get_peft_model
 
@@ -73,3 +94,31 @@ def add_lora(model, options: LoraConfigSection, adapter_name: str = "default", u
             return get_peft_model(model, config, adapter_name=adapter_name)
         except ValueError as exc:
             raise InputError(f"train.lora.targets: {str(exc).splitlines()[0]}") from None
+
+
+@METHODS.register("lora")
+class LoraMethod(Method):
+    """Low-rank updates of the linear weights (train.lora)."""
+
+    options = LoraOptions
+    summary = "low-rank updates of the linear weights"
+    fuses = True
+    supports_qat = True
+    use_dora = False
+
+    def check(self, train) -> None:
+        if train.qat and train.lora.dropout > 0:
+            raise ValueError("qat: a merged weight cannot drop the LoRA input; set train.lora.dropout to 0")
+
+    def add(self, model, options, train):
+        return add_lora(model, train.lora, use_dora=self.use_dora)
+
+
+@METHODS.register("dora")
+class DoraMethod(LoraMethod):
+    """LoRA on the direction, with a learned magnitude per output; its options are train.lora's."""
+
+    options = None  # shares train.lora
+    summary = "LoRA on the direction, with a learned magnitude per output"
+    supports_qat = False
+    use_dora = True

@@ -1,76 +1,27 @@
-"""The PEFT method registry: `train.method` names one entry; loading and switching work the same for all."""
+"""Adapters of any registered method: add one to a base model, check, load, switch and merge saved ones."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ..config import AdapterConfigSection, IA3ConfigSection, TrainConfig
 from ..errors import InputError
 from ..models.safety import PICKLE_SUFFIXES, check_pickle_file
-from .bottleneck import BottleneckConfig
-from .lora import add_lora, keep_moe_targets
-from .prefix import add_prefix, as_prefix_model, prefix_task_adapters
-from .targets import target_preset
-
-# Where a bottleneck adapter sits: Houlsby after attention and after the MLP, Pfeiffer after the MLP only.
-ADAPTER_PLACEMENTS = {"houlsby": ["self_attn", "mlp"], "pfeiffer": ["mlp"]}
+from ..plugins import METHODS
+from .lora import keep_moe_targets
+from .prefix import prefix_task_adapters
 
 
-@dataclass(frozen=True)
-class Method:
-    """One PEFT method: how to add it to a base model (whether it merges follows from its peft type)."""
-
-    add: Callable  # (base model, TrainConfig) -> peft model
-    summary: str
-
-
-def add_ia3(model, options: IA3ConfigSection):
-    """Wrap a base model with peft IA3 (learned rescaling vectors, initialised to one)."""
-    from peft import IA3Config, TaskType, get_peft_model
-
-    if options.targets == "auto":
-        preset = target_preset(getattr(model.config, "model_type", ""))
-        if not (preset and preset.ia3_modules):
-            raise InputError("train.ia3.targets: no preset for this architecture; list the modules to scale")
-        targets, feedforward = preset.ia3_modules, preset.ia3_feedforward
-    else:
-        targets, feedforward = options.targets, []
-    config = IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=feedforward)
-    with keep_moe_targets():
-        try:
-            return get_peft_model(model, config)
-        except ValueError as exc:
-            raise InputError(f"train.ia3.targets: {str(exc).splitlines()[0]}") from None
+def add_method(model, train):
+    """Wrap a base model with a fresh adapter of the recipe's PEFT method (a plugin of dstune.plugins.METHODS)."""
+    method = METHODS[train.method]
+    options = getattr(train, train.method, None)
+    return method.add(model, options, train)
 
 
-def add_bottleneck(model, options: AdapterConfigSection):
-    """Wrap a base model with dstune's bottleneck adapters (a registered peft method)."""
-    from peft import TaskType, get_peft_model
-
-    config = BottleneckConfig(task_type=TaskType.CAUSAL_LM, r=options.r, activation=options.activation,
-                              dropout=options.dropout, target_modules=ADAPTER_PLACEMENTS[options.placement])
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise InputError(f"train.adapter.placement: {str(exc).splitlines()[0]}") from None
-
-
-METHODS: dict[str, Method] = {
-    "lora": Method(lambda m, t: add_lora(m, t.lora), "low-rank updates of the linear weights"),
-    "dora": Method(lambda m, t: add_lora(m, t.lora, use_dora=True),
-                   "LoRA on the direction, with a learned magnitude per output"),
-    "ia3": Method(lambda m, t: add_ia3(m, t.ia3), "learned rescaling of keys, values and MLP inputs"),
-    "prefix": Method(lambda m, t: add_prefix(m, t.prefix), "learned key/value prefixes in every layer"),
-    "adapter": Method(lambda m, t: add_bottleneck(m, t.adapter),
-                      "bottleneck MLPs after attention and/or the MLP"),
-}
-
-
-def add_method(model, train: TrainConfig):
-    """Wrap a base model with a fresh adapter of the recipe's PEFT method."""
-    return METHODS[train.method].add(model, train)
+def ensure_peft_methods() -> None:
+    """Let peft load the adapters of every registered method (dstune's own peft methods register on demand)."""
+    for method in METHODS.values():
+        method.ensure_peft()
 
 
 def check_adapter_dir(path: Path) -> None:
@@ -103,6 +54,8 @@ def load_adapters(model, adapters: dict[str, str | Path], is_trainable: bool = F
     """
     from peft import PeftModel
 
+    from .prefix_model import as_prefix_model
+
     parts: dict[str, Path] = {}
     prefix_tasks: list[str] = []
     for name, path in adapters.items():
@@ -114,6 +67,7 @@ def load_adapters(model, adapters: dict[str, str | Path], is_trainable: bool = F
             parts.update(tasks)
             prefix_tasks = list(tasks)[1:]
     peft_model = None
+    ensure_peft_methods()
     with keep_moe_targets():
         for name, path in parts.items():
             check_adapter_dir(path)
@@ -138,7 +92,7 @@ def switch_adapter(peft_model, name: str) -> None:
 
 
 def is_mergeable(peft_model) -> bool:
-    """Whether the active adapter can be folded into the base weights (LoRA, DoRA, IA3)."""
+    """Whether the active adapter can be folded into the base weights (LoRA, DoRA, IA3: peft's own merges)."""
     from peft.utils import PeftType
 
     return peft_model.active_peft_config.peft_type in {PeftType.LORA, PeftType.IA3}

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import re
 
-from transformers import TrainerCallback
-
-from ..config import StagesSection
-from .bottleneck import BottleneckLayer, bottleneck_layers
+from .bottleneck import BottleneckLayer, StagesOptions, bottleneck_layers
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -32,29 +29,22 @@ def set_active_stages(groups: list[list[BottleneckLayer]], active: int) -> None:
             layer.stage_on = position < active
 
 
-class StagedActivationCallback(TrainerCallback):
-    """Turns adapter groups on at their configured start step or epoch."""
+class StageSwitch:
+    """Turns adapter groups on at their configured start step or epoch (called before every optimizer step)."""
 
-    def __init__(self, model, stages: StagesSection):
+    def __init__(self, model, stages: StagesOptions):
         self.stages = stages
         self.groups = stage_groups(model, len(stages.starts), stages.order)
         self.active = -1
 
-    def _update(self, state) -> None:
-        now = state.global_step if self.stages.unit == "steps" else (state.epoch or 0.0)
+    def update(self, step: int, epoch: float) -> None:
+        """Switch on the groups whose start is reached (`step`: optimizer steps done; `epoch`: epochs done)."""
+        now = step if self.stages.unit == "steps" else epoch
         active = sum(start <= now for start in self.stages.starts)
         if active != self.active:
             self.active = active
             set_active_stages(self.groups, active)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._update(state)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._update(state)
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._update(state)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        set_active_stages(self.groups, len(self.groups))  # the saved model runs every adapter
+    def all_on(self) -> None:
+        """The saved model runs every adapter."""
+        set_active_stages(self.groups, len(self.groups))
