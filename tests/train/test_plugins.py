@@ -1,0 +1,110 @@
+"""Plugins from another package: `dstune train` runs a recipe that names a method or an objective registered only
+through entry points (tests/plugins, installed by `make test`), and each resumes bit-exactly after a SIGKILL.
+
+The plugins (tests/plugins/dstune_test_plugins) use every hook the loop offers: a toy method; a two-loss objective
+that calls torch.autograd.grad on named shared parameters before the backward and trains its task weights in their
+own optimizer group; a sampler whose order depends on the step; per-sample clipping with an optimizer wrapper that
+adds seeded noise; and a loss that runs a frozen second model.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_runner import shared_runner
+from safetensors.torch import load_file
+
+from dstune.train.checkpoint import latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_steps": 2, "eval_steps": 0, "learning_rate": 1e-2,
+         "logging_steps": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+CASES = {
+    "two_loss": {"method": "last_layers_lora", "objective": "two_loss", "packing": False, "last_layers_lora": {"r": 4},
+                 "two_loss": {"shared": "lora_B", "weight_lr": 0.2}},
+    "curriculum": {"objective": "curriculum", "curriculum": {"warm_steps": 2}},
+    "dp_noise": {"objective": "dp_noise", "packing": False, "dp_noise": {"clip": 0.05, "sigma": 0.5, "seed": 3}},
+    "distill": {"objective": "distill", "distill": {"alpha": 1.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dirs):
+    root = tmp_path_factory.mktemp("plugins")
+    words = ["red", "green", "blue", "cat", "dog", "sun"]
+    train = root / "train.jsonl"
+    # Lengths vary, so that a length-ordered curriculum is visible in the sample order.
+    train.write_text("".join(json.dumps({"instruction": "say " + " ".join([words[i % 6]] * (1 + i % 4)),
+                                         "output": words[i % 6]}) + "\n" for i in range(16)))
+
+    def recipe(name: str, **train_section) -> Path:
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "output_dir": str(root / "runs"), "model": {"name_or_path": str(tiny_model_dirs["llama"])},
+            "data": {"source": "files", "train_file": str(train), "max_length": 64},
+            "train": {**TRAIN, **train_section}, "eval": {"cache": False},
+        }))
+        return path
+
+    return {"root": root, "recipe": recipe, "run": shared_runner()}
+
+
+def outcome(run_dir: Path) -> dict:
+    return {"adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+            "last": load_file(latest_checkpoint(run_dir / "checkpoints") / "adapter_model.safetensors"),
+            "samples": (run_dir / "sample_order.jsonl").read_text().splitlines(),
+            "summary": json.loads((run_dir / "adapter" / "dstune_train.json").read_text())}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plugin_trains_from_a_recipe_and_resumes_bit_exactly_after_sigkill(workspace, case):
+    run, recipe, runs = workspace["run"], workspace["recipe"], workspace["root"] / "runs"
+    proc = run(["train", str(recipe(f"{case}_ref", **CASES[case]))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = outcome(runs / f"{case}_ref")
+    path = recipe(f"{case}_kill", **CASES[case])
+    proc = run(["train", str(path)], env={"DSTUNE_FAULT": "kill_at_step=4"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    proc = run(["train", str(path), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint-2 (step 2)" in proc.stdout
+    got = outcome(runs / f"{case}_kill")
+    assert got["samples"] == want["samples"]
+    for which in ("adapter", "last"):
+        assert got[which].keys() == want[which].keys() and want[which]
+        for name, tensor in want[which].items():
+            assert got[which][name].equal(tensor), f"{case}: {which} differs at {name}"
+    assert any(t.abs().max() > 0 for n, t in want["adapter"].items() if "lora_B" in n)  # it trained
+    check_behaviour(case, want, runs / f"{case}_ref")
+
+
+def check_behaviour(case: str, run: dict, run_dir: Path) -> None:
+    """What each plugin is for, visible in what the run wrote."""
+    logs = [e for e in run["summary"]["log_history"] if "loss" in e]
+    if case == "two_loss":
+        config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+        assert config["layers_to_transform"] == [1]  # the toy method: only the last of the 2 layers
+        assert all(".layers.1." in n for n in run["adapter"])
+        # autograd.grad on the shared parameters before the backward (a step's last micro-batch may hold one task)
+        assert all(e["shared_grad_norm_a"] > 0 for e in logs) and any(e["shared_grad_norm_b"] > 0 for e in logs)
+        assert logs[-1]["weight_a"] != 1.0 and logs[-1]["weight_a"] + logs[-1]["weight_b"] == pytest.approx(2.0)
+        assert all("loss_a" in e and "loss_b" in e for e in logs)
+        assert (latest_checkpoint(run_dir / "checkpoints") / "objective.safetensors").is_file()
+    if case == "curriculum":
+        lengths = {f"train.jsonl:{i + 1}": 1 + i % 4 for i in range(16)}
+        steps = [json.loads(line) for line in run["samples"]]
+        first = [lengths[i.rsplit("/", 1)[-1]] for s in steps[:2] for i in s["ids"]]
+        assert first == sorted(first)  # steps 0-1: shortest first
+        later = [lengths[i.rsplit("/", 1)[-1]] for s in steps[4:6] for i in s["ids"]]
+        assert later != sorted(later)  # from step 4 (the second epoch): shuffled by the step
+    if case == "dp_noise":
+        assert logs[-1]["clipped_samples"] > 0  # clip 0.05 clips per-sample gradients
+    if case == "distill":
+        assert all(e["kd"] >= 0 and e["ce"] > 0 for e in logs)
+        assert logs[0]["kd"] < 1e-3  # the student starts as the teacher (LoRA B = 0), then moves away
+        assert logs[-1]["kd"] > logs[0]["kd"]
