@@ -102,7 +102,7 @@ def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None
     if not is_mergeable(loaded):
         raise InputError(f"{adapter}: {loaded.active_peft_config.peft_type.value.lower()} adapters cannot be merged "
                          "into the base weights; serve the base with the adapter instead")
-    return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"))
+    return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"), recipe)
 
 
 def chat_session(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
@@ -163,7 +163,7 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
         merged_dir = merge(recipe, adapter=trained.adapter_dir)
     else:
         print("dstune: [5/7] merging the adapter into the base", flush=True)
-        merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
+        merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged", recipe)
 
     exports = []
     if merged_dir and tuned and recipe.export.formats:
@@ -179,7 +179,7 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
                  "tensorboard": str(run_dir / "tb"), **{f"export {r['format']}:{r['quant']}": r["artifact"] for r in exports}}
     comparison = compare(base, tuned, recipe) if base and tuned else {}
-    report = build_report(recipe.name, base, tuned, trained.summary, artifacts, comparison, exports)
+    report = build_report(recipe, base, tuned, trained.summary, artifacts, comparison, exports)
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
