@@ -17,6 +17,7 @@ from .export.artifacts import export_and_score, gate_failures, scoring_recipe, t
 from .export.formats import get_format
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
+from .provenance import load_recipe_or_manifest
 from .train.trainer import TrainResult
 from .train.trainer import train as train_stage
 from .tuners.methods import is_mergeable, load_adapters
@@ -25,7 +26,7 @@ from .tuners.methods import is_mergeable, load_adapters
 def _recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     if isinstance(recipe, Recipe):
         return load_recipe(recipe.model_dump(), overrides) if overrides else recipe
-    return load_recipe(recipe, overrides)
+    return load_recipe_or_manifest(recipe, overrides)  # a recipe YAML or dict, or a manifest JSON's recipe
 
 
 def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None,
