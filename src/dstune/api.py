@@ -17,6 +17,7 @@ from .export.artifacts import export_and_score, gate_failures, scoring_recipe, t
 from .export.formats import get_format
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
+from .provenance import load_recipe_or_manifest
 from .train.loop import TrainResult
 from .train.loop import train as train_stage
 from .tuners.methods import is_mergeable, load_adapters
@@ -25,7 +26,7 @@ from .tuners.methods import is_mergeable, load_adapters
 def _recipe(recipe: Recipe | str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     if isinstance(recipe, Recipe):
         return load_recipe(recipe.model_dump(), overrides) if overrides else recipe
-    return load_recipe(recipe, overrides)
+    return load_recipe_or_manifest(recipe, overrides)  # a recipe YAML or dict, or a manifest JSON's recipe
 
 
 def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, str | Path] | None = None,
@@ -104,7 +105,7 @@ def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None
     if not is_mergeable(loaded):
         raise InputError(f"{adapter}: {loaded.active_peft_config.peft_type.value.lower()} adapters cannot be merged "
                          "into the base weights; serve the base with the adapter instead")
-    return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"))
+    return merge_adapter(loaded, tokenizer, Path(out_dir or recipe.run_dir / "merged"), recipe)
 
 
 def chat_session(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
@@ -165,7 +166,7 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
         merged_dir = merge(recipe, adapter=trained.adapter_dir)
     else:
         print("dstune: [5/7] merging the adapter into the base", flush=True)
-        merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged")
+        merged_dir = merge_adapter(trained.model, tokenizer, run_dir / "merged", recipe)
 
     exports = []
     if merged_dir and tuned and recipe.export.formats:
@@ -181,7 +182,7 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
                  "tensorboard": str(run_dir / "tb"), **{f"export {r['format']}:{r['quant']}": r["artifact"] for r in exports}}
     comparison = compare(base, tuned, recipe) if base and tuned else {}
-    report = build_report(recipe.name, base, tuned, trained.summary, artifacts, comparison, exports)
+    report = build_report(recipe, base, tuned, trained.summary, artifacts, comparison, exports)
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)

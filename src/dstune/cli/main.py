@@ -16,6 +16,7 @@ EPILOG = """examples:
   dstune train recipes/icd10_lora.yaml train.learning_rate=1e-3 train.epochs=1
   dstune run recipes/icd10_lora.yaml name=icd10_adapter train.method=adapter   # lora|dora|prefix|adapter|ia3
   dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
+  dstune run runs/icd10_lora/report.json name=icd10_lora_again   # the recipe a report recorded
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
   dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
@@ -25,7 +26,8 @@ EPILOG = """examples:
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps `dstune --debug train ...` working as well as `dstune train ... --debug`.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
-    parser.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/), or a report.json or other dstune manifest "
+                                       "to re-run the recipe it records")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override recipe values, e.g. train.learning_rate=1e-3 model.name_or_path=./my-model")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -138,10 +140,10 @@ def dispatch(args) -> int:
     if isinstance(getattr(args, "resume", None), str) and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint path
         args.resume = True
-    from ..config import load_recipe
+    from ..provenance import load_recipe_or_manifest
 
     # A bad recipe or override fails here, in a second, before the slow imports of torch, transformers and peft.
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe_or_manifest(args.recipe, args.overrides)
     if getattr(args, "adapter", None):  # a bad adapter folder fails before the model loads
         from ..tuners.methods import check_adapters
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..errors import InputError
+from ..provenance import provenance
 from .augment import augment_record
 from .domain import adversarial_filter
 from .formats import read_samples
@@ -132,7 +133,7 @@ def build_dataset(recipe: Recipe) -> Path:
     # The replay pool's books: what was mixed into train counts as its kept records.
     report = log.summary({**counts, **({"replay": selection["replay"]["added"]} if "replay" in selection else {})})
     manifest = {"stage": "data", "source": data.source, "counts": counts, **stats, **selection, "stages": stages,
-                "quality": report, "max_length": data.max_length}
+                "quality": report, "max_length": data.max_length, "provenance": provenance(recipe)}
     write_reports(out, recipe.name, manifest)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return out

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from ..htmlreport import figure_png, markdown_html, pyplot
+from ..provenance import provenance
 
 
 def cpu_name() -> str:
@@ -35,9 +36,9 @@ def _tiers(result: dict | None) -> dict | None:
     return out
 
 
-def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_summary: dict | None,
+def build_report(recipe, base: dict | None, tuned: dict | None, train_summary: dict | None,
                  artifacts: dict, comparison: dict | None = None, exports: list[dict] | None = None) -> dict:
-    """Base vs tuned on the three tiers, training cost, exports and artifact paths (schema dstune.report/3)."""
+    """Base vs tuned on the three tiers, training cost, exports, artifact paths and provenance (dstune.report/3)."""
     comparison = comparison or {}
     metrics = sorted(set((base or {}).get("metrics", {})) | set((tuned or {}).get("metrics", {})))
     rows = {}
@@ -60,7 +61,7 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         training["dev_loss_curve"] = [[e["step"], e["eval_loss"]] for e in history if "eval_loss" in e]
     return {
         "schema": "dstune.report/3",
-        "recipe": recipe_name,
+        "recipe": recipe.name,
         "machine": {
             "cpu": cpu_name(),
             "threads": torch.get_num_threads(),
@@ -80,6 +81,8 @@ def build_report(recipe_name: str, base: dict | None, tuned: dict | None, train_
         # One record per export (dstune.export.artifacts.export_and_score): size, retention, the gate's verdict.
         "exports": exports or [],
         "artifacts": artifacts,
+        # The resolved recipe, versions and commit: `dstune run report.json` repeats this run.
+        "provenance": provenance(recipe),
     }
 
 
@@ -186,12 +189,35 @@ def write_report(report: dict, run_dir: Path) -> Path:
     parts += ["## Artifacts", ""] + [f"- {k}: `{v}`" for k, v in report["artifacts"].items() if v]
     parts += ["", f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
               f"transformers {m['transformers']}.", ""]
+    if report.get("provenance"):
+        parts += provenance_markdown(report["provenance"], run_dir / "report.json")
     path = run_dir / "report.md"
     markdown = "\n".join(parts)
     path.write_text(markdown)
     (run_dir / "report.html").write_text(markdown_html(f"dstune report: {report['recipe']}", markdown,
                                                        report_pngs(report)), encoding="utf-8")
     return path
+
+
+def provenance_markdown(record: dict, report_file: Path) -> list[str]:
+    """Lines for report.md: versions and commit, how to re-run, and the resolved recipe as key=value overrides."""
+    git = record.get("git") or {}
+    commit = (f"git {git['commit']}" + (" with uncommitted changes" if git.get("dirty") else "")
+              if git.get("commit") else "not a git checkout")
+    versions = ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items())
+    lines = ["## Provenance", "", f"dstune {record.get('dstune')} ({commit}); {versions}.", "",
+             f"Re-run: `dstune run {report_file}` (add `name=...` for a fresh run folder).", "",
+             "## Recipe (resolved)", ""]
+    return lines + [f"- {key}={json.dumps(value)}" for key, value in _flat(record.get("recipe") or {})] + [""]
+
+
+def _flat(tree: dict, prefix: str = ""):
+    """(key.path, value) for each leaf of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _cell(text) -> str:

@@ -15,6 +15,7 @@ from ..config import Recipe, load_recipe
 from ..data.build import load_split
 from ..evaluate.harness import write_eval
 from ..evaluate.tiers import evaluate_tiers
+from ..provenance import provenance
 from .formats import get_format
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf", ".onnx_data")
@@ -71,7 +72,8 @@ def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dic
         "min_retention": recipe.export.min_retention, "passed": retention >= recipe.export.min_retention,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "dstune_export.json").write_text(json.dumps(record, indent=2))
+    # The report lists the records under its own provenance; the folder's file carries it for the folder alone.
+    (out_dir / "dstune_export.json").write_text(json.dumps({**record, "provenance": provenance(recipe)}, indent=2))
     return record
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..provenance import provenance
 
-def merge_adapter(peft_model, tokenizer, out_dir: Path) -> Path:
-    """Fold the active adapter into the base weights and save a safetensors HF directory."""
+
+def merge_adapter(peft_model, tokenizer, out_dir: Path, recipe) -> Path:
+    """Fold the active adapter into the base weights; save a safetensors HF directory with the recipe's provenance."""
     merged = peft_model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "dstune_export.json").write_text(json.dumps({"stage": "merge", "format": "hf-merged"}, indent=2))
+    manifest = {"stage": "merge", "format": "hf-merged", "provenance": provenance(recipe)}
+    (out_dir / "dstune_export.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
