@@ -10,8 +10,13 @@ Two parts, each in its own process so peak RSS is its own:
 
     .venv/bin/python bench/data_checks.py            # N = 1,000,000, M = 50,000 (datasketch needed for part 2)
     .venv/bin/python bench/data_checks.py --quick    # N = 100,000, M = 10,000 (< 3 min)
+    .venv/bin/python bench/data_checks.py --smoke    # N = 2,000, M = 300, one repetition (seconds)
 
-Writes bench/results/data_checks.json (or data_checks-quick.json) and prints the markdown table of docs/data.md.
+Without datasketch, part 2 times dstune's index alone (no ratio). Writes bench/results/data_checks.json (or
+data_checks-quick.json; `--out` elsewhere) and prints the markdown table of docs/data.md. `--smoke` runs the same
+code on few records and writes to a temporary folder, never to bench/results/; it calls each worker in its own
+process (the same function, with the same arguments: a process costs seconds of imports here), so its peak RSS
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import argparse
 import json
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_rss_mb, smoke_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("patient reports fever cough chest pain shortness of breath left right upper lower lobe chronic acute "
@@ -62,10 +68,6 @@ def generate(folder: Path, n: int, seed: int = 0) -> dict[str, Path]:
                 recent = (recent + [text])[-1000:]
             handle.write(json.dumps({"instruction": text, "output": f"code {i % 97}"}) + "\n")
     return paths
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_checks(folder: Path) -> dict:
@@ -133,7 +135,15 @@ def run_dedup(folder: Path, m: int, side: str) -> dict:
             "duplicates_found": found, "peak_rss_mb": round(peak_rss_mb()), "rss_growth_mb": round(peak_rss_mb() - base_rss)}
 
 
-def in_process(*args: str) -> dict:
+def run_worker(kind: str, folder: str, *rest: str) -> dict:
+    """One measurement: the child process's work (and --smoke's, in its own process)."""
+    return run_checks(Path(folder)) if kind == "checks" else run_dedup(Path(folder), int(rest[0]), rest[1])
+
+
+def in_process(*args: str, smoke: bool = False) -> dict:
+    """A measurement in a fresh process, so its peak RSS is its own (--smoke: in this one)."""
+    if smoke:
+        return json.loads(json.dumps(run_worker(*args)))  # the child's JSON round trip
     result = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
@@ -143,54 +153,62 @@ def in_process(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="2,000 records, 300 texts, 1 repetition; to a temp folder")
     parser.add_argument("--records", type=int)
+    parser.add_argument("--out", help="the results file (default bench/results/data_checks[-quick].json)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        kind, folder, *rest = args.worker
-        result = run_checks(Path(folder)) if kind == "checks" else run_dedup(Path(folder), int(rest[0]), rest[1])
-        print(json.dumps(result))
+        print(json.dumps(run_worker(*args.worker)))
         return
-    n = args.records or (100_000 if args.quick else 1_000_000)
-    m = 10_000 if args.quick else 50_000
+    n = args.records or (2_000 if args.smoke else 100_000 if args.quick else 1_000_000)
+    m = min(n, 300 if args.smoke else 10_000 if args.quick else 50_000)  # part 2 reads the first m of n
+    repetitions = 1 if args.smoke else 3
+    try:
+        import datasketch  # noqa: F401
+
+        sides = ("datasketch", "dstune")
+    except ImportError:
+        sides = ("dstune",)
+        print("datasketch is not installed: part 2 times dstune alone (pip install datasketch)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         generate(folder, n)
-        checks = in_process("checks", str(folder))
+        checks = in_process("checks", str(folder), smoke=args.smoke)
         print(f"checks: {checks}", file=sys.stderr)
-        reps = []
-        try:
-            import datasketch  # noqa: F401
-
-            for _ in range(3):
-                reps.append({side: in_process("dedup", str(folder), str(m), side) for side in ("datasketch", "dstune")})
-        except ImportError:
-            print("datasketch is not installed: part 2 skipped (pip install datasketch)", file=sys.stderr)
+        reps = [{side: in_process("dedup", str(folder), str(m), side, smoke=args.smoke) for side in sides}
+                for _ in range(repetitions)]
     import torch
     import transformers
 
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    result = {"benchmark": "data_checks", "mode": mode,
+              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                           "torch": torch.__version__, "transformers": transformers.__version__},
               "settings": {"records": n, "dedup_texts": m, "threshold": 0.8, "num_perm": 128, "max_length": 128,
-                           "tokenizer": "SmolLM2-135M-Instruct (embedded)"},
+                           "tokenizer": "SmolLM2-135M-Instruct (embedded)", "dedup_sides": list(sides)},
               "checks": checks, "dedup_repetitions": reps}
     lines = ["| what | records | records/s | peak RSS (MB) |", "|---|---|---|---|",
              f"| all checks (`check_splits`) | {checks['records']:,} | {checks['records_per_s']:,} | "
              f"{checks['peak_rss_mb']:,} |"]
-    if reps:
-        med = {side: {k: statistics.median(r[side][k] for r in reps) for k in ("records_per_s", "rss_growth_mb")}
-               for side in ("datasketch", "dstune")}
-        result["dedup_medians"] = med
+    med = {side: {k: statistics.median(r[side][k] for r in reps) for k in ("records_per_s", "rss_growth_mb")}
+           for side in sides}
+    result["dedup_medians"] = med
+    for side in sides:
+        lines.append(f"| near duplicates, {side} | {m:,} | {med[side]['records_per_s']:,.0f} | "
+                     f"+{med[side]['rss_growth_mb']:,.0f} |")
+    if "datasketch" in med:
         result["dedup_speedup"] = round(med["dstune"]["records_per_s"] / med["datasketch"]["records_per_s"], 2)
         result["dedup_memory_ratio"] = round(med["dstune"]["rss_growth_mb"] / max(1, med["datasketch"]["rss_growth_mb"]), 3)
-        for side in ("datasketch", "dstune"):
-            lines.append(f"| near duplicates, {side} | {m:,} | {med[side]['records_per_s']:,.0f} | "
-                         f"+{med[side]['rss_growth_mb']:,.0f} |")
         lines.append(f"\ndstune / datasketch: {result['dedup_speedup']}x records/s, "
                      f"{result['dedup_memory_ratio']}x memory growth (median of {len(reps)}, alternated).")
-    name = "data_checks-quick.json" if args.quick else "data_checks.json"
-    (ROOT / "bench" / "results" / name).write_text(json.dumps(result, indent=2))
+    name = "data_checks.json" if mode == "full" else f"data_checks-{mode}.json"
+    folder = smoke_dir("data_checks") if args.smoke else ROOT / "bench" / "results"
+    out = Path(args.out) if args.out else folder / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
+    print(f"bench/data_checks: wrote {out}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ it for the instructions that are really there, e.g.:
 
     PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml          # full: 5 rounds
     PYTHONPATH=src python bench/decode.py --recipe recipes/icd10_lora.yaml --quick  # 3 rounds, shorter
+    PYTHONPATH=src python bench/decode.py --smoke   # a tiny random Llama, torchao int8 only (seconds)
+
+`--smoke` needs no demo run: a tiny random Llama (the SmolLM2 tokenizer) stands in for the merged model, and a
+small chat set (common.smoke_data) for the test split. It runs the same code (export and score, warm-up,
+alternating timed rounds, bandwidth, the table) for one format, torchao int8, the cheapest real export: ONNX exports
+alone take longer than the whole smoke should, and llama.cpp is optional. Each variant's peak RSS is measured in
+this process (by the same function the `--rss-of` child runs: a process costs ~6 s of imports here), so the smoke's
+RSS figures mean nothing. It writes to a temporary folder, never to bench/results/.
 """
 
 from __future__ import annotations
@@ -37,10 +45,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, smoke_data, smoke_dir, smoke_model  # noqa: E402
 
 BASELINE = "hf:fp32"
 DEFAULT_FORMATS = "torchao:int8,onnx:fp32,onnx:int8,onnx:int4"
+OUT = "bench/results/decode.json"
+# --smoke: one export, a short prompt and few tokens, and recipe overrides (besides the model and output folder).
+SMOKE_FORMATS = "torchao:int8"
+# Exact match alone: the demo's ICD-10 metric and check load the ICD-10-CM tables (3 s).
+SMOKE = ["eval.metrics=[exact_match]", "eval.checks=[]", "eval.bootstrap_samples=100", "eval.cache=false"]
 
 
 def read_bandwidth() -> float:
@@ -126,14 +139,44 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int) -> fl
     return seconds
 
 
-def peak_rss(spec: str, args) -> float:
-    """Peak RSS in MB of a fresh process that loads this variant and decodes once."""
+def peak_rss(spec: str, args, recipe, merged: Path) -> float:
+    """Peak RSS in MB of a fresh process that loads this variant and decodes once (--smoke: of this process)."""
+    if args.smoke:
+        return load_and_decode_once(spec, recipe, merged, args.prompt_tokens, 8)
     command = [sys.executable, __file__, "--recipe", args.recipe, "--rss-of", spec, "--prompt-tokens",
                str(args.prompt_tokens), "--new-tokens", "8"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise RuntimeError(f"{spec}: {proc.stderr[-2000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def load_and_decode_once(spec: str, recipe, merged: Path, prompt_tokens: int, new_tokens: int) -> float:
+    """Load a variant, decode once, and return this process's peak RSS in MB (the --rss-of child's work)."""
+    model, tokenizer, _, _ = load_variant(spec, recipe, merged)
+    timed_generate(model, prompt_ids(tokenizer, prompt_tokens), new_tokens, tokenizer.pad_token_id)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def smoke_setup(args) -> list[str]:
+    """--smoke: a tiny random Llama as the run's merged model, and a small test split; the recipe overrides."""
+    import shutil
+
+    from dstune import api
+    from dstune.config import load_recipe
+
+    work = smoke_dir("decode")
+    model = smoke_model(work, args.model)
+    overrides = [*smoke_data(work / "smoke-data"), *SMOKE, f"model.name_or_path={model}", f"output_dir={work}"]
+    recipe = load_recipe(args.recipe, overrides)
+    shutil.copytree(model, recipe.run_dir / "merged")  # a tiny random model is its own merged model
+    api.data(recipe)
+    args.formats, args.prompt_tokens, args.new_tokens, args.rounds = SMOKE_FORMATS, 16, 8, 2
+    if args.out == OUT:
+        args.out = str(work / "decode-smoke.json")
+    return overrides
 
 
 def main() -> None:
@@ -144,8 +187,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 32 new tokens")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny random Llama, torchao int8 only, 2 rounds of 8 tokens; results to a temp folder")
+    parser.add_argument("--model", help="--smoke: a tiny model folder built already (default: build one)")
     parser.add_argument("--rss-of", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="bench/results/decode.json")
+    parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.new_tokens = 3, 32
@@ -153,16 +199,12 @@ def main() -> None:
     from dstune.config import load_recipe
     from dstune.export.artifacts import export_and_score, scoring_recipe, test_records
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, smoke_setup(args) if args.smoke else [])
     merged = recipe.run_dir / "merged"
     if not (merged / "config.json").is_file():
         sys.exit(f"{merged}: no merged model; run `make demo` (or `dstune run {args.recipe}`) first")
     if args.rss_of:
-        model, tokenizer, _, _ = load_variant(args.rss_of, recipe, merged)
-        timed_generate(model, prompt_ids(tokenizer, args.prompt_tokens), args.new_tokens, tokenizer.pad_token_id)
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
-        status = Path("/proc/self/status").read_text().splitlines()
-        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
+        print(load_and_decode_once(args.rss_of, recipe, merged, args.prompt_tokens, args.new_tokens))
         return
 
     specs = [BASELINE] + [s for s in args.formats.split(",") if s]
@@ -210,7 +252,7 @@ def main() -> None:
             "bandwidth_bound_fraction": round(decode_tps / (bandwidth / size), 3),
             "retention": record["retention"] if record else 1.0,
             "domain_score": record["score"] if record else None, "passed_gate": record["passed"] if record else None,
-            "peak_rss_mb": round(peak_rss(spec, args), 1),
+            "peak_rss_mb": round(peak_rss(spec, args, recipe, merged), 1),
             # New tokens, of the timing prompt's greedy continuation, before the first that differs from the baseline.
             "greedy_tokens_as_baseline": next((i for i, (a, b) in enumerate(zip(agreement[spec], reference_tokens))
                                                if a != b), len(reference_tokens)),
@@ -221,7 +263,8 @@ def main() -> None:
         row["decode_speedup"] = round(row["decode_tokens_per_second"] / base["decode_tokens_per_second"], 2)
         row["prefill_speedup"] = round(row["prefill_tokens_per_second"] / base["prefill_tokens_per_second"], 2)
     result = {
-        "benchmark": "decode", "machine": machine(), "memory_read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "benchmark": "decode", "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "machine": machine(), "memory_read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "settings": {"model": str(merged), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "rounds": args.rounds, "batch": 1, "greedy": True,
                      "baseline": "transformers generate, fp32, eager attention, greedy, batch 1",

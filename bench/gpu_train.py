@@ -13,6 +13,8 @@ head on supervised tokens) per second over the bf16 GEMM peak measured in the sa
 
     bash bench/gpu_train.sh                          # on the GPU machine: < 5 minutes
     python bench/gpu_train.py --smoke                # a tiny model on CPU, two steps: checks the script runs
+
+`--smoke` writes to a temporary folder (or `--out`), never over bench/results/gpu_train.json.
 """
 
 from __future__ import annotations
@@ -99,8 +101,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repetition")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16, help="samples per step")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_train.json"))
+    parser.add_argument("--out", help="the results file (default bench/results/gpu_train.json; --smoke: a temp folder)")
     args = parser.parse_args()
+    if not args.out:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="dstune-smoke-gpu_train-")) if args.smoke else ROOT / "bench" / "results"
+        args.out = str(folder / ("gpu_train-smoke.json" if args.smoke else "gpu_train.json"))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -179,6 +186,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    print(f"bench/gpu_train: wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,15 +5,19 @@ scores exact match on the dev split. LoRA is the baseline the ratios are taken a
 
     .venv/bin/python bench/methods.py            # full: 60 steps, 148 dev samples (~20 min on 2 cores)
     .venv/bin/python bench/methods.py --quick    # 3 steps, 16 dev samples (< 3 min)
+    .venv/bin/python bench/methods.py --smoke    # every method on a tiny random Llama, 2 steps (seconds)
 
-Writes bench/results/methods.json (or methods-quick.json) and prints the markdown table of docs/methods.md.
+Writes bench/results/methods.json (or methods-quick.json; `--out` elsewhere) and prints the markdown table of
+docs/methods.md. `--smoke` runs every method through the same worker on a tiny random Llama (the SmolLM2
+tokenizer) and a small chat set (common.smoke_data), and writes to a temporary folder, never to bench/results/. It
+calls the worker in its own process (the same function, with the same arguments): five processes would cost ~6 s
+of imports each here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import gemm_peak_flops, machine
+from common import gemm_peak_flops, machine, peak_rss_mb, smoke_data, smoke_dir, smoke_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "icd10_lora.yaml"
@@ -36,23 +40,26 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def common_overrides(work: Path, steps: int, dev: int) -> list[str]:
+def common_overrides(work: Path, steps: int, dev: int, model: str | None = None) -> list[str]:
+    smoke = [f"model.name_or_path={model}", "train.batch_size=4"] if model else []
     return [f"output_dir={work}", f"train.max_steps={steps}", "train.eval_steps=0", "train.logging_steps=1",
-            f"train.max_dev_samples={dev}"]
+            f"train.max_dev_samples={dev}", *smoke]
 
 
-def worker(method: str, work: Path, data_dir: Path, steps: int, dev: int) -> dict:
+def worker(method: str, work: Path, data_dir: Path, steps: int, dev: int, model: str | None = None) -> dict:
     """Train one method and score the dev split; runs in its own process."""
     from dstune.config import load_recipe
     from dstune.data.build import load_split
     from dstune.data.templates import get_template
     from dstune.evaluate.harness import evaluate_records
-    from dstune.train.trainer import train
+    from dstune.models.loading import load_tokenizer, resolve_model_path
+    from dstune.train import train
 
-    recipe = load_recipe(RECIPE, [f"name=bench_{method}", *common_overrides(work, steps, dev), *METHODS[method]])
+    recipe = load_recipe(RECIPE, [f"name=bench_{method}", *common_overrides(work, steps, dev, model),
+                                  *METHODS[method]])
     result = train(recipe, data_dir)
     summary = result.summary
-    tokenizer = result.trainer.processing_class
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.name_or_path), recipe.model.trust_remote_code)
     template = get_template(recipe.model.template, tokenizer)
     records = load_split(data_dir, "dev")[:dev]
     start = time.perf_counter()
@@ -77,7 +84,7 @@ def worker(method: str, work: Path, data_dir: Path, steps: int, dev: int) -> dic
         "dev_exact_match": scores["metrics"]["exact_match"],
         "dev_samples": len(records),
         "dev_eval_seconds": time.perf_counter() - start,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -95,21 +102,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def run_method(method: str, work: Path, steps: int, dev: int, model: str | None, in_process: bool) -> dict:
+    """One method's row: the worker in a child process (or, for --smoke, in this one)."""
+    argv = ["--worker", method, "--work", str(work), "--steps", str(steps), "--dev", str(dev)]
+    argv += ["--model", model] if model else []
+    if in_process:
+        return json.loads(json.dumps(run_worker(argv)))  # the child's JSON round trip
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"bench/methods: {method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_worker(argv: list[str]) -> dict:
+    """The worker of a parsed command line (the child process's entry, and --smoke's in-process call)."""
+    args = parser().parse_args(argv)
+    work = Path(args.work)
+    return worker(args.worker, work, work / "shared" / "data", args.steps, args.dev, args.model)
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 steps and 16 dev samples (< 3 min)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny random Llama, a small chat set, 2 steps, 4 dev samples; results to a temp folder")
+    parser.add_argument("--model", help="--smoke: a tiny model folder built already (default: build one)")
+    parser.add_argument("--out", help="the results file (default bench/results/methods[-quick].json)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default 60, quick 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--dev", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    steps = args.steps or (3 if args.quick else 60)
-    dev = args.dev or (16 if args.quick else 148)
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.worker:
-        work = Path(args.work)
-        print("RESULT " + json.dumps(worker(args.worker, work, work / "shared" / "data", steps, dev)), flush=True)
+        print("RESULT " + json.dumps(run_worker(sys.argv[1:])), flush=True)
         return
+    steps = args.steps or (2 if args.smoke else 3 if args.quick else 60)
+    dev = args.dev or (4 if args.smoke else 16 if args.quick else 148)
 
     from dstune import api
     from dstune.config import load_recipe
@@ -120,14 +154,17 @@ def main() -> None:
         sys.exit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     if "lora" not in methods:
         methods.insert(0, "lora")  # the baseline
-    work = Path(tempfile.mkdtemp(prefix="dstune-bench-methods-"))
-    api.data(load_recipe(RECIPE, ["name=shared", *common_overrides(work, steps, dev)]))
-    base_recipe = load_recipe(RECIPE)
+    work = smoke_dir("methods") if args.smoke else Path(tempfile.mkdtemp(prefix="dstune-bench-methods-"))
+    model = str(smoke_model(work, args.model)) if args.smoke else None
+    data = smoke_data(work / "smoke-data") if args.smoke else []
+    api.data(load_recipe(RECIPE, ["name=shared", *common_overrides(work, steps, dev, model), *data]))
+    base_recipe = load_recipe(RECIPE, common_overrides(work, steps, dev, model))
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     result = {
         "benchmark": "methods",
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "machine": machine(),
-        "gemm_peak_flops": gemm_peak_flops(),
+        "gemm_peak_flops": gemm_peak_flops(512 if args.smoke else 2048),
         "settings": {"recipe": str(RECIPE.relative_to(ROOT)), "steps": steps, "dev_samples": dev,
                      "seed": base_recipe.train.seed, "batch_size": base_recipe.train.batch_size,
                      "baseline": "lora (the demo recipe's LoRA: r 16, alpha 32, dropout 0.05, all dense linears)",
@@ -135,18 +172,14 @@ def main() -> None:
         "runs": [],
     }
     rows = result["runs"]
-    out_path = ROOT / "bench" / "results" / ("methods-quick.json" if args.quick else "methods.json")
+    if args.smoke:
+        result["settings"]["model"] = "tiny random Llama (2 layers, hidden 64), SmolLM2 tokenizer"
+    name = "methods.json" if mode == "full" else f"methods-{mode}.json"
+    out_path = Path(args.out) if args.out else (work if args.smoke else ROOT / "bench" / "results") / name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for method in methods:
         print(f"bench/methods: {method} ({steps} steps)", flush=True)
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", method, "--work", str(work), "--steps", str(steps),
-             "--dev", str(dev)], capture_output=True, text=True, cwd=ROOT,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode or not lines:
-            sys.exit(f"bench/methods: {method} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
+        row = run_method(method, work, steps, dev, model, in_process=args.smoke)
         # Forward 2N + backward (activation gradients) 2N FLOPs per token through the frozen base.
         flops = 4 * row["total_parameters"] * row["tokens_per_second"]
         row["approx_gemm_fraction"] = flops / result["gemm_peak_flops"]
@@ -155,7 +188,7 @@ def main() -> None:
         print(f"  {row['tokens_per_second']:.0f} tokens/s, dev EM {row['dev_exact_match']:.3f}, "
               f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
     print("\n" + table(rows) + "\n")
-    print(f"bench/methods: wrote {out_path.relative_to(ROOT)}")
+    print(f"bench/methods: wrote {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
 
 
 if __name__ == "__main__":
