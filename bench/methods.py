@@ -35,7 +35,7 @@ METHODS: dict[str, list[str]] = {
     "lora": ["train.method=lora"],
     "dora": ["train.method=dora"],
     "prefix": ["train.method=prefix", "train.learning_rate=1e-2"],
-    "adapter": ["train.method=adapter"],
+    "bottleneck": ["train.method=bottleneck"],
     "ia3": ["train.method=ia3", "train.learning_rate=1e-2"],
 }
 

@@ -102,7 +102,7 @@ def check_train_speed(result: dict) -> None:
 
 def check_methods(result: dict) -> None:
     rows = {r["method"]: r for r in result["runs"]}
-    assert set(rows) == {"lora", "dora", "prefix", "adapter", "ia3"}
+    assert set(rows) == {"lora", "dora", "prefix", "bottleneck", "ia3"}
     assert all(r["tokens_per_second"] > 0 and r["optimizer_steps"] == 2 for r in rows.values())
 
 

@@ -34,6 +34,7 @@ from ..errors import DstuneError, InputError
 from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..plugins import METHODS, OBJECTIVES
+from ..provenance import provenance
 from ..tuners.methods import add_method
 from . import checkpoint as ckpt
 from . import faults
@@ -351,7 +352,9 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     fingerprint = run_fingerprint(recipe, data_dir)
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    saver = Checkpointer(checkpoints, accelerator, cfg.save_total_limit, fingerprint)
+    # What a resume must match, and where the checkpoint came from (the resolved recipe, versions, commit).
+    saver = Checkpointer(checkpoints, accelerator, cfg.save_total_limit,
+                         {**fingerprint, "provenance": provenance(recipe)})
     resume_from, saved = (resume_checkpoint(resume, checkpoints, fingerprint, main) if resume else (None, {}))
     state = LoopState()
     if resume_from:
@@ -606,6 +609,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "nonfinite_skipped": len(nonfinite.skipped),
         "nonfinite_steps": nonfinite.skipped,
         "log_history": state.log_history,
+        "provenance": provenance(recipe),
     }
     if main:
         unwrapped.save_pretrained(adapter_dir)
