@@ -19,6 +19,7 @@ from cli_runner import shared_runner
 from safetensors.torch import load_file
 
 from dstune.train.checkpoint import latest_checkpoint
+from dstune.train.events import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,9 @@ def workspace(tmp_path_factory, tiny_model_dirs):
 
 
 def outcome(run_dir: Path) -> dict:
-    return {"adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+    events = [{k: v for k, v in e.items() if k not in ("time", "path", "resumed_from")}
+              for e in read_events(run_dir / "events.jsonl") if e["event"] in ("step", "checkpoint")]
+    return {"adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors"), "events": events,
             "last": load_file(latest_checkpoint(run_dir / "checkpoints") / "adapter_model.safetensors"),
             "samples": (run_dir / "sample_order.jsonl").read_text().splitlines(),
             "summary": json.loads((run_dir / "adapter" / "dstune_train.json").read_text())}
@@ -75,6 +78,9 @@ def test_plugin_trains_from_a_recipe_and_resumes_bit_exactly_after_sigkill(works
     assert "checkpoint-2 (step 2)" in proc.stdout
     got = outcome(runs / f"{case}_kill")
     assert got["samples"] == want["samples"]
+    # events.jsonl reads as if nothing happened: every step and checkpoint once, with the same values
+    assert got["events"] == want["events"] and [e["step"] for e in want["events"] if e["event"] == "step"] == \
+        list(range(1, 7))
     for which in ("adapter", "last"):
         assert got[which].keys() == want[which].keys() and want[which]
         for name, tensor in want[which].items():

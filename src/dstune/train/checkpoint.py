@@ -240,6 +240,22 @@ def load_state(checkpoint: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def truncate_log(path: Path, resume_step: int | None) -> None:
+    """Rewrite a JSON-lines log keeping the lines up to `resume_step` (all of them for lines without a step), or
+    empty it for a fresh run; a last line cut short by a kill goes too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resume_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("step") is None or entry["step"] <= resume_step:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 class SampleOrderLog:
     """One JSON line per optimizer step with the ids of the samples it trained on (this process's share).
 
@@ -249,17 +265,7 @@ class SampleOrderLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                if entry["step"] <= resume_step:
-                    kept.append(line + "\n")
-        path.write_text("".join(kept))
+        truncate_log(path, resume_step)
         self._handle = path.open("a")
 
     def write(self, step: int, epoch: int, ids: list[str]) -> None:

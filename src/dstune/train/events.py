@@ -32,17 +32,9 @@ class EventLog:
         self._tb = None
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if event.get("step") is None or event["step"] <= resume_step:
-                    kept.append(line + "\n")
-        path.write_text("".join(kept))
+        from .checkpoint import truncate_log
+
+        truncate_log(path, resume_step)
         self._handle = path.open("a")
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
