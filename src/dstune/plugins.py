@@ -1,9 +1,17 @@
-"""Plugin registries: methods, objectives, metrics, sources and exports.
+"""Plugin registries: methods, objectives and export formats.
 
 Each registry is filled by dstune's own modules and by other installed packages through entry points in the group
 `dstune.<kind>` (e.g. `dstune.methods`). An entry point names an object, registered under the entry point's name, or
 a module, which registers what it defines when imported. Registries load lazily, on the first look-up, so importing
 dstune stays cheap and a plugin may import dstune freely.
+
+registry    entry point group  a plugin is                                    a recipe names it in
+METHODS     dstune.methods     a dstune.tuners.method.Method subclass         train.method
+OBJECTIVES  dstune.objectives  a dstune.train.objectives.Objective subclass   train.objective
+EXPORTS     dstune.exports     a dstune.export.formats.ExportFormat           export.formats
+
+A plugin with an `options` class (a StrictModel) owns a recipe section under its name: `train.<method>`,
+`train.<objective>` (see dstune.config.recipe_model).
 
 A package adds a method with, in its pyproject.toml:
 
@@ -101,3 +109,4 @@ def unknown_choice(key: str, value: str, choices: list[str]) -> str:
 METHODS = Registry("methods", ("dstune.tuners.lora", "dstune.tuners.ia3", "dstune.tuners.prefix",
                                "dstune.tuners.bottleneck"), instantiate=True)
 OBJECTIVES = Registry("objectives", ("dstune.train.objectives",))
+EXPORTS = Registry("exports", ("dstune.export.onnx", "dstune.export.gguf", "dstune.export.torchao"))

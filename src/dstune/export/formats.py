@@ -1,4 +1,6 @@
-"""The registry of export formats: each turns a merged HF directory into a deployable artifact and loads it back.
+"""Export formats as plugins (dstune.plugins.EXPORTS): each turns a merged HF directory into a deployable artifact
+and loads it back. dstune's own are onnx, gguf and torchao; packages add theirs through the `dstune.exports` entry
+point group (an entry point names an ExportFormat).
 
 `dstune export` runs an exporter, then scores what `load` returns on the same harness as the fp32 model
 (evaluate_tiers): the domain metrics and the business completion rate. A loaded artifact is either a transformers
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from ..plugins import EXPORTS
 
 
 @dataclass(frozen=True)
@@ -29,27 +32,20 @@ class ExportFormat:
     load: Callable[[Path, Path], tuple[object, object]]
 
 
-EXPORT_FORMATS: dict[str, ExportFormat] = {}
-# Where the built-in formats live; each module registers itself when imported (only the one asked for is).
-BUILTIN_MODULES = {"onnx": "dstune.export.onnx", "gguf": "dstune.export.gguf", "torchao": "dstune.export.torchao"}
+EXPORT_FORMATS = EXPORTS  # the registry's name before formats became plugins
 
 
 def register_format(fmt: ExportFormat) -> ExportFormat:
-    """Add a format to the registry (`dstune export --format NAME`)."""
-    EXPORT_FORMATS[fmt.name] = fmt
-    return fmt
+    """Add a format to the registry (`dstune export --format NAME`); same as `EXPORTS.register(fmt.name, fmt)`."""
+    len(EXPORTS)  # load the registered formats first, so that a format of the same name replaces them
+    return EXPORTS.register(fmt.name, fmt)
 
 
 def get_format(name: str, quant: str) -> ExportFormat:
     """The registered format `name`, checked to write `quant`; a one-line error otherwise."""
-    import importlib
-
-    if name not in EXPORT_FORMATS and name in BUILTIN_MODULES:
-        importlib.import_module(BUILTIN_MODULES[name])
-    if name not in EXPORT_FORMATS:
-        known = sorted(set(EXPORT_FORMATS) | set(BUILTIN_MODULES))
-        raise InputError(f"export format {name!r} is not one of: {', '.join(known)}")
-    fmt = EXPORT_FORMATS[name]
+    if name not in EXPORTS:
+        raise InputError(f"export format {name!r} is not one of: {', '.join(sorted(EXPORTS))}")
+    fmt = EXPORTS[name]
     if quant not in fmt.quants:
         raise InputError(f"export format {name!r} writes {', '.join(fmt.quants)}, not {quant!r}")
     return fmt

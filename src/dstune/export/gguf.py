@@ -17,7 +17,8 @@ import torch
 
 from ..errors import InputError
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
-from .formats import ExportFormat, register_format
+from ..plugins import EXPORTS
+from .formats import ExportFormat
 
 ARCHITECTURES = ("llama", "qwen2")
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
@@ -285,7 +286,7 @@ def export_lora_adapter(adapter_dir: Path, out_path: Path, base_dir: Path | None
     return out_path
 
 
-register_format(ExportFormat(
+EXPORTS.register("gguf", ExportFormat(
     name="gguf", quants=QUANTS,
     description="one GGUF file for llama.cpp / Ollama (Llama, Qwen2); f32, f16, q8_0 or q4_0",
     export=export_gguf, load=load_gguf,

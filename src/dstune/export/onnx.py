@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from ..errors import DstuneError, InputError
-from .formats import ExportFormat, register_format
+from ..plugins import EXPORTS
+from .formats import ExportFormat
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 QUANTS = ("fp32", "int8", "int4")
@@ -325,7 +326,7 @@ def load_onnx(artifact: Path, merged_dir: Path):
     return GenaiModel(artifact), load_tokenizer(Path(merged_dir))
 
 
-register_format(ExportFormat(
+EXPORTS.register("onnx", ExportFormat(
     name="onnx", quants=QUANTS, export=export_onnx, load=load_onnx,
     description="ONNX Runtime GenAI (model builder): KV-cache decoder for CPU, fp32 or block-wise int8/int4",
 ))

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .formats import ExportFormat, register_format
+from ..plugins import EXPORTS
+from .formats import ExportFormat
 
 QUANTS = ("int8", "int8wo")
 
@@ -80,7 +81,7 @@ def load_torchao(artifact: Path, merged_dir: Path):
     return model.eval(), load_tokenizer(Path(artifact))
 
 
-TORCHAO = register_format(ExportFormat(
+TORCHAO = EXPORTS.register("torchao", ExportFormat(
     name="torchao", quants=QUANTS,
     description="PyTorch with torchao int8 linear layers (int8: int8 activations too; int8wo: weight-only), "
                 "safetensors; loads with transformers' from_pretrained",
