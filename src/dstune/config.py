@@ -32,25 +32,6 @@ class ModelConfig(StrictModel):
     load_in_4bit: bool = False
 
 
-class ICD10Config(StrictModel):
-    """The ICD-10-CM coding task built from the `simple-icd-10-cm` package."""
-
-    # ICD-10-CM chapter numbers: 4 = E00-E89, 9 = I00-I99, 10 = J00-J99.
-    chapters: list[str] = ["4", "9", "10"]
-    min_billable: int = 4
-    dev_fraction: float = 0.1
-    test_fraction: float = 0.1
-    # Caps the training leaves per category so that large categories don't crowd out small ones.
-    max_train_per_category: int | None = None
-    question: str = "{description}"
-
-    @field_validator("chapters", mode="before")
-    @classmethod
-    def _chapters_as_text(cls, value):
-        # YAML reads `[4, 9, 10]` as numbers; chapter ids are strings in simple-icd-10-cm.
-        return [str(v) for v in value] if isinstance(value, list) else value
-
-
 class QualityConfig(StrictModel):
     """Quality checks of the data stage; every dropped record is counted by reason in the data report."""
 
@@ -122,10 +103,14 @@ class ReplayConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Where the domain data comes from and how it is rendered."""
+    """Where the domain data comes from and how it is rendered.
 
+    Every registered data source with options adds its section here under its own name (`data.icd10`, ...): see
+    `recipe_model`.
+    """
+
+    # A data source from the registry (dstune.plugins.SOURCES): files, icd10 (the demo domain), or a plugin's.
     source: str = "files"
-    icd10: ICD10Config = ICD10Config()
     train_file: str | None = None
     dev_file: str | None = None
     test_file: str | None = None
@@ -140,6 +125,10 @@ class DataConfig(StrictModel):
     stratify: StratifyConfig = StratifyConfig()
     augment: AugmentConfig = AugmentConfig()
     replay: ReplayConfig = ReplayConfig()
+
+    def options(self, name: str):
+        """The options section of the data source `name` (None for a source without one)."""
+        return None if name in DataConfig.model_fields else getattr(self, name, None)
 
 
 class QatConfig(StrictModel):
@@ -329,14 +318,16 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _check_registries(self) -> Recipe:
-        from .data.sources import DATA_SOURCES
-        from .evaluate.metrics import METRICS
+        from .plugins import METRICS, SOURCES, VERIFIERS
 
-        _check_choice("data.source", self.data.source, DATA_SOURCES)
+        SOURCES.get_plugin(self.data.source, "data.source")
         for name in self.eval.metrics:
-            _check_choice("eval.metrics", name, METRICS)
-        _check_choice("train.metric", self.train.metric, METRICS)
-        _check_choice("eval.general.metric", self.eval.general.metric, METRICS)
+            METRICS.get_plugin(name, "eval.metrics")
+        METRICS.get_plugin(self.train.metric, "train.metric")
+        METRICS.get_plugin(self.eval.general.metric, "eval.general.metric")
+        for i, check in enumerate(self.eval.checks):
+            if check.get("kind") == "verifier":  # the other check kinds validate their options when built
+                VERIFIERS.get_plugin(str(check.get("verifier")), f"eval.checks[{i}].verifier")
         return self
 
     @property
@@ -345,27 +336,22 @@ class Recipe(StrictModel):
         return Path(self.output_dir) / self.name
 
 
-def _check_choice(key: str, value: str, registry: dict) -> None:
-    if value not in registry:
-        hint = _closest(value, list(registry))
-        raise ValueError(f"unknown value {value!r} for {key}{hint}; choose from {sorted(registry)}")
-
-
 def _closest(word: str, choices: list[str]) -> str:
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 # Where plugins add their options sections: recipe section -> registries whose plugins each own `section.<name>`.
-PLUGIN_SECTIONS = {"train": ("METHODS", "OBJECTIVES")}
+PLUGIN_SECTIONS = {"train": ("METHODS", "OBJECTIVES"), "data": ("SOURCES",)}
 _recipe_models: dict[tuple, type] = {}
 
 
 def recipe_model() -> type[Recipe]:
     """The Recipe class with a section for every registered plugin that has options (rebuilt when one registers).
 
-    A method's options live under `train.<method name>`, an objective's under `train.<objective name>`: the
-    recipe is validated by the plugins' own pydantic classes, with the same one-line errors as built-in keys.
+    A method's options live under `train.<method name>`, an objective's under `train.<objective name>`, a data
+    source's under `data.<source name>`: the recipe is validated by the plugins' own pydantic classes, with the
+    same one-line errors as built-in keys.
     """
     from pydantic import create_model
 

@@ -1,4 +1,4 @@
-"""Plugin registries: methods, objectives and export formats.
+"""Plugin registries: methods, objectives, data sources, metrics, verifiers and export formats.
 
 Each registry is filled by dstune's own modules and by other installed packages through entry points in the group
 `dstune.<kind>` (e.g. `dstune.methods`). An entry point names an object, registered under the entry point's name, or
@@ -8,15 +8,22 @@ dstune stays cheap and a plugin may import dstune freely.
 registry    entry point group  a plugin is                                    a recipe names it in
 METHODS     dstune.methods     a dstune.tuners.method.Method subclass         train.method
 OBJECTIVES  dstune.objectives  a dstune.train.objectives.Objective subclass   train.objective
+SOURCES     dstune.sources     a dstune.data.sources.Source subclass          data.source
+METRICS     dstune.metrics     a function (predictions, references) -> score  eval.metrics, train.metric
+VERIFIERS   dstune.verifiers   a function (answer, record) -> bool            eval.checks[].verifier
 EXPORTS     dstune.exports     a dstune.export.formats.ExportFormat           export.formats
 
 A plugin with an `options` class (a StrictModel) owns a recipe section under its name: `train.<method>`,
-`train.<objective>` (see dstune.config.recipe_model).
+`train.<objective>`, `data.<source>` (see dstune.config.recipe_model).
 
-A package adds a method with, in its pyproject.toml:
+A domain (a data source with its metrics and verifiers, like dstune.domains.icd10) lists each of its plugins in its
+kind's group. A package adds a method and a domain's source with, in its pyproject.toml:
 
     [project.entry-points."dstune.methods"]
     my_method = "my_package.method:MyMethod"
+
+    [project.entry-points."dstune.sources"]
+    my_source = "my_package.domain:MySource"
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from importlib.metadata import entry_points
 
 from .errors import DstuneError
 
-KINDS = ("methods", "objectives", "metrics", "sources", "exports")
+KINDS = ("methods", "objectives", "sources", "metrics", "verifiers", "exports")
 
 
 class PluginError(DstuneError):
@@ -109,4 +116,9 @@ def unknown_choice(key: str, value: str, choices: list[str]) -> str:
 METHODS = Registry("methods", ("dstune.tuners.lora", "dstune.tuners.ia3", "dstune.tuners.prefix",
                                "dstune.tuners.bottleneck"), instantiate=True)
 OBJECTIVES = Registry("objectives", ("dstune.train.objectives",))
+# dstune's own domains: each module registers its data source, metrics and verifiers (nothing else imports them).
+DOMAINS = ("dstune.domains.icd10",)
+SOURCES = Registry("sources", ("dstune.data.sources", *DOMAINS), instantiate=True)
+METRICS = Registry("metrics", ("dstune.evaluate.metrics", *DOMAINS))
+VERIFIERS = Registry("verifiers", DOMAINS)
 EXPORTS = Registry("exports", ("dstune.export.onnx", "dstune.export.gguf", "dstune.export.torchao"))

@@ -24,7 +24,7 @@ from .domain import adversarial_filter
 from .formats import read_samples
 from .quality import DropLog, LengthFn, QualityChecks, chunked, record_text
 from .report import write_reports
-from .sources import DATA_SOURCES, file_samples
+from .sources import build_source, file_samples
 from .stratify import stratify_train
 
 SPLITS = ("train", "dev", "test")
@@ -83,7 +83,7 @@ def load_split(data_dir: Path, split: str) -> list[dict]:
 def check_splits(recipe: Recipe, log: DropLog, out: Path, lengths: LengthFn | None) -> tuple[dict, dict, QualityChecks]:
     """Stream each split of the data source through the quality checks into out/<split>.jsonl; returns counts."""
     data = recipe.data
-    sources, stats = DATA_SOURCES[data.source](data, log)
+    sources, stats = build_source(data, log)
     checks = QualityChecks(data.quality, log, lengths, data.max_length)
     counts = {}
     for split in ("dev", "test", "train"):  # eval splits first: training records are checked for leaks

@@ -1,7 +1,9 @@
 """Tier 3, business end-to-end checks: does each answer do its job? Declared in the recipe (`eval.checks`).
 
 Each check kind comes from a registry and turns its options into a function (answer, record) -> problem or None.
-A sample completes when every check passes; the completion rate is the tier's headline number.
+A sample completes when every check passes; the completion rate is the tier's headline number. The `verifier` kind
+runs a Python function from the verifier registry (dstune.plugins.VERIFIERS), which domains fill (the ICD-10 demo's
+`icd10_in_chapter`: dstune.domains.icd10) and packages extend through the `dstune.verifiers` entry point group.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from typing import Callable
 
 from ..errors import InputError
+from ..plugins import VERIFIERS
 from .metrics import final_answer
 
 CheckFn = Callable[[str, dict], str | None]
@@ -84,30 +87,16 @@ def regex_check(options: dict) -> CheckFn:
     return check
 
 
-def icd10_in_chapter(answer: str, record: dict) -> bool:
-    """A valid ICD-10-CM code, in the chapter of the record (meta.chapter) when it has one."""
-    from ..data.icd10 import _icd
-
-    code = final_answer(answer)
-    cm = _icd()
-    if not cm.is_valid_item(code):
-        return False
-    chapter = record.get("meta", {}).get("chapter")
-    return chapter is None or cm.get_ancestors(code)[-1] == chapter
-
-
-VERIFIERS: dict[str, VerifierFn] = {"icd10_in_chapter": icd10_in_chapter}
-
-
 def register_verifier(name: str, verifier: VerifierFn) -> None:
-    """Add a Python verifier (recipes name it in a `verifier` check)."""
-    VERIFIERS[name] = verifier
+    """Add a Python verifier (recipes name it in a `verifier` check); same as `VERIFIERS.register(name, verifier)`."""
+    len(VERIFIERS)  # load the registered verifiers first, so that a verifier of the same name replaces them
+    VERIFIERS.register(name, verifier)
 
 
 def verifier_check(options: dict) -> CheckFn:
     """A registered Python verifier passes."""
     name = options.get("verifier")
-    if name not in VERIFIERS:
+    if name not in VERIFIERS:  # a recipe's checks were validated on load (dstune.config); this is the API's
         raise InputError(f"eval.checks: unknown verifier {name!r}; choose from {sorted(VERIFIERS)}")
     verify = VERIFIERS[name]
 

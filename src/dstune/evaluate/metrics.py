@@ -1,4 +1,8 @@
-"""Domain metrics, from a registry: each maps predictions and references to a score in [0, 1]."""
+"""Domain metrics, from a registry (dstune.plugins.METRICS): each maps predictions and references to a score in [0, 1].
+
+The generic metrics live here; a domain registers its own (the ICD-10 demo's `valid_icd10`: dstune.domains.icd10),
+and packages add theirs through the `dstune.metrics` entry point group.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import re
 from collections import Counter
 from functools import lru_cache
 from typing import Callable
+
+from ..plugins import METRICS
 
 MetricFn = Callable[[list[str], list[str]], float]
 
@@ -36,15 +42,6 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
         return 0.0
     hits = sum(final_answer(p).casefold() == final_answer(r).casefold() for p, r in zip(predictions, references))
     return hits / len(references)
-
-
-def valid_icd10(predictions: list[str], references: list[str]) -> float:
-    """Share of answers that are valid ICD-10-CM codes."""
-    from ..data.icd10 import is_valid_code
-
-    if not predictions:
-        return 0.0
-    return sum(is_valid_code(final_answer(p)) for p in predictions) / len(predictions)
 
 
 def _is_correct(prediction: str, reference: str) -> bool:
@@ -198,10 +195,9 @@ def contains_answer(predictions: list[str], references: list[str]) -> float:
     return hits / len(references)
 
 
-METRICS: dict[str, MetricFn] = {
+BUILTIN_METRICS: dict[str, MetricFn] = {
     "contains_answer": contains_answer,
     "exact_match": exact_match,
-    "valid_icd10": valid_icd10,
     "accuracy": accuracy,
     "macro_f1": macro_f1,
     "entity_f1": entity_f1,
@@ -209,8 +205,11 @@ METRICS: dict[str, MetricFn] = {
     **{v: rouge_metric(v, "char") for v in ROUGE_VARIANTS},
     **{f"{v}_jieba": rouge_metric(v, "jieba") for v in ROUGE_VARIANTS},
 }
+for _name, _metric in BUILTIN_METRICS.items():
+    METRICS.register(_name, _metric)
 
 
 def register_metric(name: str, metric: MetricFn) -> None:
-    """Add a metric to the registry (recipes name it in `eval.metrics`)."""
-    METRICS[name] = metric
+    """Add a metric to the registry (recipes name it in `eval.metrics`); same as `METRICS.register(name, metric)`."""
+    len(METRICS)  # load the registered metrics first, so that a metric of the same name replaces them
+    METRICS.register(name, metric)

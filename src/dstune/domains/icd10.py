@@ -1,12 +1,41 @@
-"""The demo domain: ICD-10-CM category coding, built from the public CMS data in `simple-icd-10-cm`."""
+"""The demo domain: ICD-10-CM category coding, built from the public CMS data in `simple-icd-10-cm`.
+
+One plugin module: the data source `icd10` (its options are the recipe section `data.icd10`), the metric
+`valid_icd10` and the verifier `icd10_in_chapter`. It is one of the registries' builtin modules
+(dstune.plugins.DOMAINS); no other dstune code imports it.
+"""
 
 from __future__ import annotations
 
 import random
 import warnings
 
-from ..config import DataConfig, ICD10Config
-from .quality import DropLog
+from pydantic import field_validator
+
+from ..config import DataConfig, StrictModel
+from ..data.quality import DropLog
+from ..data.sources import Source
+from ..evaluate.metrics import final_answer
+from ..plugins import METRICS, SOURCES, VERIFIERS
+
+
+class ICD10Config(StrictModel):
+    """The ICD-10-CM coding task built from the `simple-icd-10-cm` package (the recipe section data.icd10)."""
+
+    # ICD-10-CM chapter numbers: 4 = E00-E89, 9 = I00-I99, 10 = J00-J99.
+    chapters: list[str] = ["4", "9", "10"]
+    min_billable: int = 4
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # Caps the training leaves per category so that large categories don't crowd out small ones.
+    max_train_per_category: int | None = None
+    question: str = "{description}"
+
+    @field_validator("chapters", mode="before")
+    @classmethod
+    def _chapters_as_text(cls, value):
+        # YAML reads `[4, 9, 10]` as numbers; chapter ids are strings in simple-icd-10-cm.
+        return [str(v) for v in value] if isinstance(value, list) else value
 
 
 def _icd():
@@ -35,11 +64,10 @@ def is_valid_code(text: str) -> bool:
     return _icd().is_valid_item(text.strip())
 
 
-def build_icd10(config: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]], dict]:
+def build_icd10(options: ICD10Config, seed: int, log: DropLog) -> tuple[dict[str, list[dict]], dict]:
     """Split leaf codes per category into train/dev/test, each description in one split only."""
-    options = config.icd10
     cm = _icd()
-    rng = random.Random(config.seed)
+    rng = random.Random(seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
     categories = category_leaves(options)
@@ -79,3 +107,32 @@ def build_icd10(config: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]]
         rng.shuffle(items)
     stats = {"categories": len(categories), "chapters": options.chapters}
     return splits, stats
+
+
+@SOURCES.register("icd10")
+class ICD10Source(Source):
+    """Leaf codes of the chosen chapters, split per category; each answer is the code's category."""
+
+    options = ICD10Config
+
+    def build(self, options: ICD10Config, data: DataConfig, log: DropLog) -> tuple[dict[str, list[dict]], dict]:
+        return build_icd10(options, data.seed, log)
+
+
+@METRICS.register("valid_icd10")
+def valid_icd10(predictions: list[str], references: list[str]) -> float:
+    """Share of answers that are valid ICD-10-CM codes."""
+    if not predictions:
+        return 0.0
+    return sum(is_valid_code(final_answer(p)) for p in predictions) / len(predictions)
+
+
+@VERIFIERS.register("icd10_in_chapter")
+def icd10_in_chapter(answer: str, record: dict) -> bool:
+    """A valid ICD-10-CM code, in the chapter of the record (meta.chapter) when it has one."""
+    code = final_answer(answer)
+    cm = _icd()
+    if not cm.is_valid_item(code):
+        return False
+    chapter = record.get("meta", {}).get("chapter")
+    return chapter is None or cm.get_ancestors(code)[-1] == chapter
