@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError
+from ..models.safety import PICKLE_SUFFIXES
 from . import faults
 
 MARKER = "dstune_complete.json"
 STATE = "dstune_state.json"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
