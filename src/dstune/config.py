@@ -136,8 +136,9 @@ class QatConfig(StrictModel):
 
     # int4: the ONNX export's int4 (MatMulNBits blocks); int8: the torchao export's per-row int8 weights.
     scheme: Literal["int4", "int8"]
-    # int4 only: the block along the input dimension; dstune's ONNX int4 export writes blocks of 16 (and keeps
-    # llama.cpp's sensitive layers in int8, which QAT treats as int4: a little stricter than needed).
+    # int4 only: the block along the input dimension. dstune's ONNX int4 export writes blocks of 16
+    # (dstune.export.onnx.INT4_BLOCK_SIZE; tests/train/test_qat.py checks the two agree) and keeps llama.cpp's
+    # sensitive layers in int8, which QAT treats as int4: a little stricter than needed.
     group_size: Literal[16, 32, 64, 128, 256] = 16
 
 

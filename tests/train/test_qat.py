@@ -31,7 +31,8 @@ class Net(nn.Module):
 
 
 def qat_layer(scheme: str, group_size: int = 32):
-    """A QAT LoRA layer with a nonzero adapter, and its merged weight as peft's merge writes it."""
+    """A QAT LoRA layer with a nonzero adapter, and its merged weight as peft's merge writes it (int4 blocks of 32
+    by default: 80 inputs then end in a padded block)."""
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
     assert enable_qat(model, scheme, group_size) == 1
@@ -103,7 +104,7 @@ def test_forward_is_the_quantized_merged_linear_and_gradients_reach_lora(scheme)
     model, layer, merged = qat_layer(scheme)
     x = torch.randn(3, 5, 80)
     y = model(x)
-    expected = F.linear(x, fake_quantize(merged, scheme), layer.base_layer.bias)
+    expected = F.linear(x, fake_quantize(merged, scheme, 32), layer.base_layer.bias)
     assert torch.equal(y, expected)
     assert not torch.allclose(y, F.linear(x, merged, layer.base_layer.bias), atol=1e-4)  # it really quantizes
     g = torch.randn_like(y)
@@ -187,3 +188,15 @@ def test_train_with_qat_records_it_and_learns(tiny_recipe):
 def test_qat_config_errors(tiny_recipe, train, match):
     with pytest.raises(InputError, match=match):
         load_recipe(tiny_recipe(train=train))
+
+
+def test_int4_blocks_default_to_the_exports():
+    from inspect import signature
+
+    from dstune.config import QatConfig
+    from dstune.export.onnx import BUILDER_OPTIONS, INT4_BLOCK_SIZE
+
+    assert INT4_BLOCK_SIZE == 16 and BUILDER_OPTIONS["int4"]["block_size"] == "16"
+    assert QatConfig(scheme="int4").group_size == INT4_BLOCK_SIZE
+    assert all(signature(f).parameters["group_size"].default == INT4_BLOCK_SIZE
+               for f in (enable_qat, fake_quantize, fake_quantize_int4))

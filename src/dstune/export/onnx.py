@@ -44,11 +44,13 @@ from .formats import ExportFormat
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 QUANTS = ("fp32", "int8", "int4")
+# The int4 MatMulNBits block along the input dimension, which QAT emulates by default (dstune.train.qat).
+INT4_BLOCK_SIZE = 16
 # The builder's --extra_options per precision; numbers in the module docstring.
 BUILDER_OPTIONS = {
     "fp32": {},
     "int8": {"block_size": "64", "accuracy_level": "4"},
-    "int4": {"block_size": "16", "accuracy_level": "4", "op_types_to_quantize": "MatMul/Gather",
+    "int4": {"block_size": str(INT4_BLOCK_SIZE), "accuracy_level": "4", "op_types_to_quantize": "MatMul/Gather",
              "matmul_mixed_precision": "mixed_layers:int8"},
 }
 

@@ -8,9 +8,10 @@ form, so QAT needs lora.dropout 0.
 
 The fake quantizers reproduce the deployment quantizers bit for bit in float32 (tests/train/test_qat.py):
 - int4: onnxruntime's MLAS block quantizer, which onnxruntime-genai's model builder runs for int4 (MatMulNBits,
-  symmetric, block 32). Blocks of `group_size` along the input dimension; m is the block's value of largest
-  magnitude (the negative one on a tie), scale = -m/8, q = clamp(roundf(w · (1/scale) + 8), 0, 15) with roundf's
-  halves away from zero, and the weight used is (q - 8) · scale: m lands on -8 exactly, the other end reaches +7.
+  symmetric; dstune's export asks for blocks of INT4_BLOCK_SIZE = 16, QAT's default). Blocks of `group_size` along
+  the input dimension; m is the block's value of largest magnitude (the negative one on a tie), scale = -m/8,
+  q = clamp(roundf(w · (1/scale) + 8), 0, 15) with roundf's halves away from zero, and the weight used is
+  (q - 8) · scale: m lands on -8 exactly, the other end reaches +7.
 - int8: torchao's Int8Tensor (Int8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig), through torchao's own
   primitives: per output row, scale = max|w| / 127.5 (at least float32 eps), q = clamp(round-half-even(w · (1/scale)),
   -128, 127), weight q · scale.
@@ -30,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..export.onnx import INT4_BLOCK_SIZE
 from .fastlora import peft_lora_linear, restore_lora_class
 
 SCHEMES = ("int4", "int8")
 
 
-def fake_quantize_int4(weight: torch.Tensor, group_size: int = 32) -> torch.Tensor:
+def fake_quantize_int4(weight: torch.Tensor, group_size: int = INT4_BLOCK_SIZE) -> torch.Tensor:
     """The weight MatMulNBits computes with after onnxruntime's symmetric int4 block quantization."""
     rows, cols = weight.shape
     # onnxruntime pads the input dimension with zeros to whole blocks; a zero never changes a block's scale.
@@ -64,7 +66,7 @@ def fake_quantize_int8(weight: torch.Tensor) -> torch.Tensor:
     return dequantize_affine(q, block, scale, zero, torch.int8, output_dtype=torch.float32).to(weight.dtype)
 
 
-def fake_quantize(weight: torch.Tensor, scheme: str, group_size: int = 32) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, scheme: str, group_size: int = INT4_BLOCK_SIZE) -> torch.Tensor:
     """fake_quantize_int4 or fake_quantize_int8 by scheme name."""
     return fake_quantize_int4(weight, group_size) if scheme == "int4" else fake_quantize_int8(weight)
 
@@ -128,7 +130,7 @@ def qat_lora_class() -> type:
     return _qat_class()
 
 
-def enable_qat(model: nn.Module, scheme: str, group_size: int = 32) -> int:
+def enable_qat(model: nn.Module, scheme: str, group_size: int = INT4_BLOCK_SIZE) -> int:
     """Switch every plain peft LoRA Linear of the model to fake-quantized training; returns how many."""
     if scheme not in SCHEMES:
         raise ValueError(f"QAT scheme {scheme!r} is not one of {SCHEMES}")
