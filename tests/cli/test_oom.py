@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import save_file
 
 from cli_runner import run_cli
-from dstune.cli.resources import out_of_memory_message
+from dstune.cli.resources import disk_full_message, out_of_memory_message
+from dstune.errors import phase
 from tiny import tiny_config
 
 VOCAB = 800_000  # embeddings + LM head of a 64-wide model: ~410 MB of safetensors
@@ -75,3 +76,21 @@ def test_other_errors_and_causes():
             raise OSError("could not load model.safetensors") from inner
     except OSError as outer:
         assert "Cannot allocate memory (os error 12)" in out_of_memory_message(outer, "eval")
+
+
+def test_the_phase_is_the_innermost_marked_function_the_error_left():
+    @phase("loading the model")
+    def load(path):
+        raise OSError(errno.ENOSPC, "No space left on device", path) if path else MemoryError()
+
+    @phase("training")
+    def train(path=None):
+        load(path)
+
+    with pytest.raises(MemoryError) as raised:
+        train()
+    assert out_of_memory_message(raised.value, "run").startswith("out of memory while loading the model: MemoryError;")
+    with pytest.raises(OSError) as raised:
+        train("runs/x/model.safetensors")
+    assert disk_full_message(raised.value, "run").startswith(
+        "disk full while loading the model (runs/x/model.safetensors): No space left on device; ")

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import errno
-import os
-import traceback
 
-# The innermost dstune function on the traceback says what ran out of memory.
-PHASES = {
-    "convert_gguf": "converting the GGUF file", "load_tokenizer": "loading the tokenizer",
-    "load_model": "loading the model", "load_adapters": "loading the adapter", "build_dataset": "building the dataset",
-    "train": "training", "generate": "generating answers", "evaluate_tiers": "evaluating",
-    "merge_adapter": "merging the adapter",
-}
 ADVICE = ("try a smaller train.batch_size / eval.batch_size / data.max_length, train.gradient_checkpointing: true "
           "or model.load_in_4bit: true")
 # torch's CPU allocator says "can't allocate memory", mmap and the OS "Cannot allocate memory", MPS "out of memory".
 OOM_PHRASES = ("cannot allocate memory", "can't allocate memory", "out of memory")
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -33,11 +23,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _phase(exc: BaseException) -> str | None:
-    phase = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(_PACKAGE) and frame.name in PHASES:
-            phase = PHASES[frame.name]  # keep the innermost
-    return phase
+    """What dstune was doing when `exc` left it: the innermost function marked with dstune.errors.phase."""
+    return getattr(exc, "dstune_phase", None)
 
 
 def out_of_memory_message(exc: BaseException, command: str) -> str | None:

@@ -17,7 +17,7 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..errors import InputError
+from ..errors import InputError, phase
 from ..provenance import provenance
 from .augment import augment_record
 from .domain import adversarial_filter
@@ -97,6 +97,7 @@ def check_splits(recipe: Recipe, log: DropLog, out: Path, lengths: LengthFn | No
     return counts, stats, checks
 
 
+@phase("building the dataset")
 def build_dataset(recipe: Recipe) -> Path:
     """Run the data source, the checks and the selection; write the dataset folder and its reports."""
     data = recipe.data

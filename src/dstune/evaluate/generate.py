@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.templates import ChatTemplate
+from ..errors import phase
 
 
 @dataclass
@@ -32,6 +33,7 @@ def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+@phase("generating answers")
 @torch.no_grad()
 def generate(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]], batch_size: int = 32,
              max_new_tokens: int = 64, progress: str | None = None, tasks: list[str] | None = None,

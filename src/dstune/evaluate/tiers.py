@@ -8,6 +8,7 @@ two results (base, tuned, merged, an export) compare sample by sample.
 from __future__ import annotations
 
 from ..data.templates import get_template
+from ..errors import phase
 from .cache import default_cache
 from .checks import build_checks, run_checks
 from .general import general_eval, retention
@@ -16,6 +17,7 @@ from .metrics import METRICS
 from .stats import bootstrap_ci, paired_bootstrap
 
 
+@phase("evaluating")
 def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str | None = None) -> dict:
     """Domain metrics (with CIs), business checks and general figures of one model on the test records."""
     options = recipe.eval

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import phase
 from ..provenance import provenance
 
 
+@phase("merging the adapter")
 def merge_adapter(peft_model, tokenizer, out_dir: Path, recipe) -> Path:
     """Fold the active adapter into the base weights; save a safetensors HF directory with the recipe's provenance."""
     merged = peft_model.merge_and_unload()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, phase
 from .safety import check_pickle_file, pickle_allowed, refuse_pickle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +75,7 @@ def _unsupported_gguf(gguf: Path) -> str:
             f"{transformers.__version__} (supported: {supported}); use a Hugging Face safetensors directory instead")
 
 
+@phase("converting the GGUF file")
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     """Dequantize a GGUF file once into a safetensors HF directory (cached), and return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,6 +172,7 @@ def _refuse_remote_code(path: Path, trust_remote_code: bool) -> None:
         raise _remote_code_error(path)
 
 
+@phase("loading the tokenizer")
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The tokenizer of a resolved model directory, with a pad token set."""
     from transformers import AutoTokenizer
@@ -198,6 +200,7 @@ def bitsandbytes_problem() -> str | None:
     return None
 
 
+@phase("loading the model")
 def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = False, load_in_4bit: bool = False):
     """A causal LM from a resolved directory (safetensors, or allowed pickles); `load_in_4bit`: a frozen NF4 base."""
     from transformers import AutoModelForCausalLM

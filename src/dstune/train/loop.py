@@ -30,7 +30,7 @@ from ..config import Recipe
 from ..data.build import load_split
 from ..data.templates import get_template
 from ..data.tokenize import audit_labels, encode_conversation, encode_text
-from ..errors import DstuneError, InputError
+from ..errors import DstuneError, InputError, phase
 from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..plugins import METHODS, OBJECTIVES
@@ -268,6 +268,7 @@ def _finite(entry: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
 
 
+@phase("training")
 def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Path = False) -> TrainResult:
     """Fine-tune the recipe's model with its method and objective on its dataset folder; save the adapter.
 

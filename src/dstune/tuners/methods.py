@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, phase
 from ..models.safety import PICKLE_SUFFIXES, check_pickle_file
 from ..plugins import METHODS
 from .lora import keep_moe_targets
@@ -47,6 +47,7 @@ def check_adapters(path: str | Path) -> None:
         check_adapter_dir(part)
 
 
+@phase("loading the adapter")
 def load_adapters(model, adapters: dict[str, str | Path], is_trainable: bool = False):
     """Load one or more named peft adapters (any registered method) onto a base model; the first is active.
 
