@@ -14,7 +14,7 @@ from .resources import resource_message
 EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml
   dstune train recipes/icd10_lora.yaml train.learning_rate=1e-3 train.epochs=1
-  dstune run recipes/icd10_lora.yaml name=icd10_adapter train.method=adapter   # lora|dora|prefix|adapter|ia3
+  dstune run recipes/icd10_lora.yaml name=icd10_ia3 train.method=ia3   # lora|dora|ia3|prefix|bottleneck|a plugin's
   dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
   dstune run runs/icd10_lora/report.json name=icd10_lora_again   # the recipe a report recorded
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
@@ -44,15 +44,17 @@ def _add_resume(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="dstune", description="Fine-tune, evaluate and merge domain-specialised causal LMs.",
+        prog="dstune", description="Fine-tune, evaluate, merge and export domain-specialised causal LMs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the whole job: data, base eval, train, tuned eval, merge, report",
-                       description="Build the dataset, evaluate the base model, LoRA fine-tune, evaluate the tuned "
-                                   "model, merge the adapter and write runs/<name>/report.{json,md}.")
+    p = sub.add_parser("run", help="the whole job: data, base eval, train, tuned eval, merge, exports, report",
+                       description="Build the dataset, evaluate the base model, fine-tune with the recipe's method "
+                                   "(train.method), evaluate the tuned model, merge the adapter where the method "
+                                   "allows, export and score export.formats, and write "
+                                   "runs/<name>/report.{json,md,html}.")
     _add_recipe(p)
     _add_resume(p)
     p = sub.add_parser("data", help="build the dataset folder (train/dev/test JSONL, manifest, data report)",
@@ -61,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "domain filter, stratified sampling, augmentation and general replay, as the "
                                    "recipe's data section says. The report is report.md / report.html.")
     _add_recipe(p)
-    p = sub.add_parser("train", help="LoRA fine-tune on the dataset folder",
-                       description="Fine-tune with LoRA; saves runs/<name>/adapter in peft format. Crash-safe "
+    p = sub.add_parser("train", help="fine-tune an adapter on the dataset folder",
+                       description="Fine-tune with the recipe's PEFT method (train.method: lora, dora, ia3, prefix, "
+                                   "bottleneck or a plugin's) and objective (train.objective); saves "
+                                   "runs/<name>/adapter in peft format. Crash-safe "
                                    "checkpoints go to runs/<name>/checkpoints every train.save_steps steps; on "
                                    "SIGTERM the run checkpoints and exits 0.")
     _add_recipe(p)
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--tag", help="name of the result file under runs/<name>/eval/")
     p = sub.add_parser("merge", help="merge an adapter into the base model",
-                       description="Fold a LoRA adapter into the base weights and save a safetensors HF directory.")
+                       description="Fold an adapter (lora, dora, ia3) into the base weights and save a safetensors "
+                                   "HF directory.")
     _add_recipe(p)
     p.add_argument("--adapter", help="adapter folder (default: runs/<name>/adapter)")
     p.add_argument("--out", help="output directory (default: runs/<name>/merged)")
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fp32 domain score. Formats: onnx (fp32, int8, int4), gguf (f32, f16, q8_0, "
                                    "q4_0), torchao (int8, int8wo, ...). See docs/deploy.md.")
     _add_recipe(p)
-    p.add_argument("--format", default="onnx", help="onnx | gguf | torchao (default onnx)")
+    p.add_argument("--format", default="onnx", help="onnx | gguf | torchao | a plugin's (default onnx)")
     p.add_argument("--quant", default="int8", help="the format's quantization, e.g. int8, int4, q8_0 (default int8)")
     p.add_argument("--model", help="the merged model directory (default runs/<name>/merged)")
     p = sub.add_parser("chat", help="talk to a model (one prompt, or a prompt loop on stdin)",
