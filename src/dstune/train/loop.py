@@ -152,8 +152,8 @@ def build_optimizer(model, objective, cfg) -> torch.optim.Optimizer:
               {"params": [p for n, p in named if NO_DECAY.search(n)], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]] + list(objective.parameter_groups())
     # fused: one kernel for all parameters (torch >= 2.8 has it on CPUs too); as transformers' default optimizer.
-    return torch.optim.AdamW(groups, lr=cfg.resolved_learning_rate(), betas=(0.9, 0.999), eps=1e-8,
-                             fused=torch.__version__ >= "2.8")
+    fused = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+    return torch.optim.AdamW(groups, lr=cfg.resolved_learning_rate(), betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
 def build_scheduler(optimizer, cfg, max_steps: int):
