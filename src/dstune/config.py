@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .plugins import did_you_mean
 
 
 class StrictModel(BaseModel):
@@ -227,8 +227,8 @@ class TrainConfig(StrictModel):
         return self
 
     def options(self, name: str):
-        """The options section of the plugin `name` (a method or an objective)."""
-        return getattr(self, name)
+        """The options section of the plugin `name`, a method or an objective (None for one without a section)."""
+        return None if name in TrainConfig.model_fields else getattr(self, name, None)
 
     @property
     def packs(self) -> bool:
@@ -337,11 +337,6 @@ class Recipe(StrictModel):
         return Path(self.output_dir) / self.name
 
 
-def _closest(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 # Where plugins add their options sections: recipe section -> registries whose plugins each own `section.<name>`.
 PLUGIN_SECTIONS = {"train": ("METHODS", "OBJECTIVES"), "data": ("SOURCES",)}
 _recipe_models: dict[tuple, type] = {}
@@ -404,7 +399,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         section = _section_at(loc[:-1])
         valid = list(section.model_fields) if section else []
-        return f"{source}: unknown key '{key}'{_closest(loc[-1], valid)}{more}"
+        return f"{source}: unknown key '{key}'{did_you_mean(loc[-1], valid)}{more}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{key}'{more}"
     message = first["msg"].removeprefix("Value error, ")

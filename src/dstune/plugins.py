@@ -106,11 +106,15 @@ class Registry(Mapping):
         return self._items[name]
 
 
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean 'y'?)` for the closest choice, or nothing."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def unknown_choice(key: str, value: str, choices: list[str]) -> str:
     """`unknown value 'x' for key (did you mean 'y'?); choose from [...]`."""
-    match = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-    hint = f" (did you mean {match[0]!r}?)" if match else ""
-    return f"unknown value {value!r} for {key}{hint}; choose from {sorted(choices)}"
+    return f"unknown value {value!r} for {key}{did_you_mean(value, choices)}; choose from {sorted(choices)}"
 
 
 METHODS = Registry("methods", ("dstune.tuners.lora", "dstune.tuners.ia3", "dstune.tuners.prefix",

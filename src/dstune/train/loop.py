@@ -13,12 +13,12 @@ optimizer, the scheduler, early stopping and the objective's state all come back
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,7 +278,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
 
     # --- setup: data ---
     cfg = recipe.train
-    method, method_options = METHODS[cfg.method], getattr(cfg, cfg.method, None)
+    method, method_options = METHODS[cfg.method], cfg.options(cfg.method)
     data_dir = Path(data_dir or recipe.run_dir / "data")
     train_records, dev_records = load_split(data_dir, "train"), load_split(data_dir, "dev")
     if not train_records:
@@ -318,7 +318,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     else:
         collator = CausalCollator(tokenizer.pad_token_id)
     run_dir = recipe.run_dir
-    objective = OBJECTIVES[cfg.objective](getattr(cfg, cfg.objective, None),
+    objective = OBJECTIVES[cfg.objective](cfg.options(cfg.objective),
                                           TrainContext(recipe, tokenizer, model, accelerator, train_set, run_dir))
     objective.setup()
     set_seed(cfg.seed)  # everything after draws from here: data order, dropout masks
@@ -414,8 +414,8 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     start = time.perf_counter()
     eval_seconds = 0.0
     step_seconds: list[float] = []
-    window_losses: list[torch.Tensor] = []  # the step losses since the last log line (on the device)
-    last_logged = state.global_step
+    # This rank's share of each step's mean loss since the last log line (on the device; summed over ranks when logged).
+    window_losses: list[torch.Tensor] = []
     stop = state.global_step >= max_steps
     epochs_done = state.global_step // steps_per_epoch
     skip_micro = (state.global_step % steps_per_epoch) * ga
@@ -460,8 +460,8 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
                     saver.load_rng(resume_from)
                     rng_pending = False
                 step = state.global_step + 1
-                local_count = sum(objective.count(b) for b in batches)
-                items = accelerator.reduce(torch.as_tensor(local_count, device=accelerator.device).float(),
+                counts = [objective.count(b) for b in batches]
+                items = accelerator.reduce(torch.as_tensor(sum(counts), device=accelerator.device).float(),
                                            reduction="sum")
                 scale = world / items.clamp(min=1)  # DDP averages gradients over the ranks
                 method.on_step_begin(unwrapped, method_options, state.global_step, state.epoch)
@@ -472,10 +472,10 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
                 for i, batch in enumerate(batches):
                     ids += batch.pop("sample_ids", [])
                     state.tokens_seen += int(batch.pop("num_tokens"))
-                    state.supervised_tokens_seen += int(objective.count(batch))
+                    state.supervised_tokens_seen += int(counts[i])
                     faults.in_step(step, i == len(batches) - 1)
                     # forward, loss, backward (gradients are synchronised on the last micro-batch only)
-                    sync = accelerator.no_sync(model) if i < len(batches) - 1 else _nullcontext()
+                    sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
                     with sync:
                         output = objective.loss(model, batch)
                         loss = output.loss
@@ -513,16 +513,18 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
                 progress.update(1)
                 stop = step >= max_steps
                 # log: the global token-mean loss of the steps since the last line
-                window_losses.append(accelerator.reduce(step_loss, reduction="sum") * (scale / world))
+                window_losses.append(step_loss * (scale / world))
                 if step == 1 or step % cfg.logging_steps == 0:
-                    entry = {"step": step, "epoch": round(state.epoch, 4),
-                             "loss": float(torch.stack(window_losses).mean()), "learning_rate": learning_rate}
+                    # one collective per log line, not per step
+                    window = accelerator.reduce(torch.stack(window_losses), reduction="sum")
+                    entry = {"step": step, "epoch": round(state.epoch, 4), "loss": float(window.mean()),
+                             "learning_rate": learning_rate}
                     if grad_norm is not None:
                         entry["grad_norm"] = float(grad_norm)
                     for key, value in step_logs.items():
                         entry[key] = float(accelerator.reduce(value, reduction="sum") * (scale / world))
                     entry.update(extra_logs)
-                    window_losses, last_logged = [], step
+                    window_losses = []
                     state.log_history.append(_finite(entry))
                     events.write("step", **entry)
                     progress.set_postfix(loss=f"{entry['loss']:.4g}", lr=f"{learning_rate:.3g}", refresh=False)
@@ -621,15 +623,3 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     events.close()
     accelerator.wait_for_everyone()
     return TrainResult(adapter_dir, summary, unwrapped, main_process=main)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def print_warning(message: str) -> None:
-    print(f"dstune: warning: {message}", file=sys.stderr, flush=True)

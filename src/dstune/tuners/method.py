@@ -77,9 +77,3 @@ class Method:
 
     def ensure_peft(self) -> None:
         """Make peft able to load this method's saved adapters (dstune's own peft methods register here)."""
-
-    def mergeable(self, peft_model) -> bool:
-        """Whether the active adapter can be folded into the base weights."""
-        from peft.utils import PeftType
-
-        return peft_model.active_peft_config.peft_type in {PeftType.LORA, PeftType.IA3}

@@ -13,9 +13,7 @@ from .prefix import prefix_task_adapters
 
 def add_method(model, train):
     """Wrap a base model with a fresh adapter of the recipe's PEFT method (a plugin of dstune.plugins.METHODS)."""
-    method = METHODS[train.method]
-    options = getattr(train, train.method, None)
-    return method.add(model, options, train)
+    return METHODS[train.method].add(model, train.options(train.method), train)
 
 
 def ensure_peft_methods() -> None:
