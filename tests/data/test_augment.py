@@ -90,3 +90,42 @@ def test_raw_text_records_are_augmented_in_place():
                                   random.Random(0))
     assert outcome == "augmented" and "messages" not in out
     assert out["text"] == "Give 50mg twice daily in recent years."
+
+
+DOSE_CASES = [  # prompt, answer, the same after doubling; None: the record is left alone
+    ("阿司匹林100mg每日一次，饭后服用", "阿司匹林100mg", ("阿司匹林200mg每日一次，饭后服用", "阿司匹林200mg")),
+    ("氢氯噻嗪25mg qd", "维持25mg", ("氢氯噻嗪50mg qd", "维持50mg")),  # the seed's example: 25mg -> 50mg
+    ("布洛芬200-400mg，每6小时一次", "200-400mg", ("布洛芬400-800mg，每6小时一次", "400-800mg")),  # a range
+    ("布洛芬200～400毫克", "无", ("布洛芬400～800毫克", "无")),  # a full-width tilde
+    ("布洛芬２５ｍｇ口服", "剂量２５ｍｇ", ("布洛芬５０ｍｇ口服", "剂量５０ｍｇ")),  # full-width digits and unit
+    ("氨氯地平5 毫克 每日", "5毫克", ("氨氯地平10 毫克 每日", "10毫克")),  # spaced, and restated without the space
+    ("metformin 500 mg bid", "500mg twice daily", ("metformin 1000 mg bid", "1000mg twice daily")),
+    ("take 5 to 10 mg", "5 to 10 mg", ("take 10 to 20 mg", "10 to 20 mg")),
+    ("阿司匹林100mg每日两次", "每日总量200mg", None),  # the answer scales the dose
+    ("二甲双胍500毫克每日两次", "一日1000毫克", None),
+    ("Insulin 10 units before meals", "Inject 10 before each meal", None),  # the bare number
+]
+
+
+def test_doses_are_rewritten_where_clinicians_write_them_in_chinese_and_english():
+    for prompt, answer, expected in DOSE_CASES:
+        new, outcome = augment_record(record(prompt, answer), {"dose": {"factors": [2]}}, random.Random(0))
+        if expected is None:
+            assert (new, outcome) == (None, "inconsistent"), prompt
+        else:
+            assert outcome == "augmented" and texts(new) == expected, prompt
+
+
+def test_a_copy_equal_to_its_source_is_no_change_not_augmented(tiny_recipe, tmp_path):
+    assert augment_record(record("take 25mg", "25mg"), {"dose": {"factors": [1]}}, random.Random(0)) == (
+        None, "no_change")
+    assert augment_record(record("high fever", "ok"), {"synonym": {"terms": {"fever": ["fever"]}}},
+                          random.Random(0)) == (None, "no_change")
+    train = tmp_path / "same.jsonl"
+    train.write_text(json.dumps({"instruction": "阿司匹林100mg每日一次", "output": "阿司匹林"}) + "\n")
+    data = {"train_file": str(train), "dev_file": None, "test_file": None,
+            "augment": {"rules": {"synonym": {"terms": {"阿司匹林": ["阿司匹林"]}}}}}
+    out = api.data(load_recipe(tiny_recipe(name="same", data=data)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["augmentation"]["outcomes"] == {"no_change": 1, "augmented": 0}
+    assert manifest["counts"]["train"] == 1
