@@ -143,3 +143,20 @@ def test_minhash_signatures_estimate_jaccard_similarity():
     sig = MinHasher(256).signatures([a, b, a])
     assert (sig[0] == sig[2]).all()
     assert abs(float(np.mean(sig[0] == sig[1])) - truth) < 0.1
+
+
+def test_the_report_lists_the_closest_kept_pairs_below_the_threshold(tiny_recipe, tmp_path):
+    """A one-word edit of a 17-word description (word 3-gram Jaccard 0.67) is kept at 0.8, and shown as almost flagged."""
+    text = "the patient presented with acute chest pain radiating to the left arm and jaw after exertion today"
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(line(text, "I20") + line(text.replace("acute", "severe"), "I20")
+                      + line("type 2 diabetes mellitus without complications", "E11"))
+    out = api.data(load_recipe(tiny_recipe(name="pairs", data={"train_file": str(train), "dev_file": None,
+                                                                "test_file": None, "max_length": 128})))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 3  # kept: below the 0.8 threshold
+    [pair] = manifest["quality"]["closest_pairs"]["train"]
+    assert (pair["record"], pair["closest_to"]) == (f"{train}:2", f"{train}:1")
+    assert 0.5 < pair["similarity"] < 0.8
+    report = (out / "report.md").read_text()
+    assert "## Closest kept pairs" in report and f"| train | {pair['similarity']:.3f} | `{train}:2` |" in report

@@ -86,6 +86,15 @@ def report_markdown(name: str, manifest: dict) -> str:
         rep = manifest["replay"]
         lines += ["", f"General replay: {rep['added']} records from `{rep['file']}` (ratio {rep['ratio']}, "
                       f"{rep['wanted']} wanted, {rep['available']} available after the checks)."]
+    if quality.get("closest_pairs"):
+        threshold = manifest.get("near_threshold")
+        lines += ["", "## Closest kept pairs", "",
+                  f"Kept as distinct, below data.quality.near_threshold"
+                  f"{f' = {threshold}' if threshold is not None else ''}: the estimated Jaccard similarity of their "
+                  "word 3-grams (character 3-grams in Chinese). Lower the threshold to drop such pairs.", "",
+                  "| split | similarity | record | closest to |", "|---|---|---|---|"]
+        for split, pairs in quality["closest_pairs"].items():
+            lines += [f"| {split} | {p['similarity']:.3f} | `{p['record']}` | `{p['closest_to']}` |" for p in pairs]
     for reason, examples in sorted(quality["examples"].items()):
         lines += ["", f"## {reason}", ""] + [f"- `{e}`" for e in examples]
     return "\n".join(lines) + "\n"
