@@ -37,12 +37,13 @@ class CliRunner:
         self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       text=True, env={**os.environ, **(env or {})})
 
-    def __call__(self, argv: list[str], env: dict | None = None, address_space_margin_mb: int | None = None) -> Result:
+    def __call__(self, argv: list[str], env: dict | None = None, address_space_margin_mb: int | None = None,
+                 cwd: str | None = None) -> Result:
         """Run one command line; `env` is set in the child, and the margin caps its address space (RLIMIT_AS)."""
         self._count += 1
         out, err = (Path(self._tmp.name) / f"{self._count}.{kind}" for kind in ("out", "err"))
         case = {"argv": argv, "env": env or {}, "address_space_margin_mb": address_space_margin_mb,
-                "stdout": str(out), "stderr": str(err)}
+                "stdout": str(out), "stderr": str(err), "cwd": cwd}
         self._proc.stdin.write(json.dumps(case) + "\n")
         self._proc.stdin.flush()
         reply = self._proc.stdout.readline()
@@ -70,7 +71,7 @@ def shared_runner() -> CliRunner:
 
 
 def run_cli(commands: list[list[str] | dict], env: dict | None = None, fresh: bool = False) -> list[Result]:
-    """Run `dstune ARGV...` for each command (a list, or {"argv": [...], "address_space_margin_mb": N}).
+    """Run `dstune ARGV...` for each command (a list, or {"argv": [...], "address_space_margin_mb": N, "cwd": DIR}).
 
     `env` is set in each child. `fresh` starts a driver of its own with `env` in it from the start, for variables
     read when a process starts (MALLOC_ARENA_MAX).
@@ -98,6 +99,8 @@ def _child(case: dict) -> None:
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.environ.update(case["env"])
+    if case.get("cwd"):
+        os.chdir(case["cwd"])
     margin = case.get("address_space_margin_mb")
     if margin:  # everything is imported already, so the margin is what the command itself may map
         limit = _vm_size() + (margin << 20)

@@ -52,8 +52,9 @@ def test_learning_rate_as_fraction_of_pretraining():
     assert recipe.train.resolved_learning_rate() == pytest.approx(3e-4)
     recipe = load_recipe({"name": "x", "train": {"pretrain_learning_rate": 3e-3, "lr_fraction": 0.5}})
     assert recipe.train.resolved_learning_rate() == pytest.approx(1.5e-3)
-    with pytest.raises(InputError, match="train.learning_rate"):
-        load_recipe({"name": "x"}).train.resolved_learning_rate()
+    # Neither set: the method's default (issue 25: a minimal recipe runs; this was an error that came late).
+    assert load_recipe({"name": "x"}).train.learning_rate_source() == (2e-4, "the lora method's default")
+    assert load_recipe({"name": "x", "train": {"method": "ia3"}}).train.resolved_learning_rate() == 3e-3
 
 
 def test_demo_recipe_validates():

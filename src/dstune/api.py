@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from .config import Recipe, load_recipe
-from .data.build import build_dataset, load_split
+from .data.build import build_dataset, checked_file, load_split, with_data_defaults
 from .data.templates import get_template
 from .errors import GateError, InputError
+from .evaluate.choice import apply_choice, recipe_choice, reference_answers
 from .evaluate.generate import generate
 from .evaluate.harness import write_eval
 from .evaluate.tiers import compare, evaluate_tiers
@@ -17,6 +18,7 @@ from .export.artifacts import export_and_score, gate_failures, scoring_recipe, t
 from .export.formats import get_format
 from .export.merge import merge_adapter
 from .models.loading import load_model, load_tokenizer, resolve_model_path
+from .preflight import check_model, check_recipe
 from .provenance import load_recipe_or_manifest
 from .train.loop import TrainResult
 from .train.loop import train as train_stage
@@ -46,7 +48,9 @@ def load(recipe: Recipe, model: str | Path | None = None, adapters: dict[str, st
 
 def data(recipe, overrides: list[str] | None = None) -> Path:
     """Build the dataset folder of a recipe."""
-    return build_dataset(_recipe(recipe, overrides))
+    recipe = _recipe(recipe, overrides)
+    check_recipe(recipe)
+    return build_dataset(recipe)
 
 
 def train(recipe, overrides: list[str] | None = None, resume: bool | str | Path = False) -> TrainResult:
@@ -58,12 +62,13 @@ def train(recipe, overrides: list[str] | None = None, resume: bool | str | Path 
     from accelerate import PartialState
 
     recipe = _recipe(recipe, overrides)
+    check_recipe(recipe)
     # Under torchrun the main process builds the dataset; the others wait, then read it. (On CPUs accelerate sees
     # the torchrun ranks only when told it runs on CPUs; the state is shared with the loop's Accelerator.)
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         if not (recipe.run_dir / "data" / "train.jsonl").is_file():
             build_dataset(recipe)
-    return train_stage(recipe, resume=resume)
+    return train_stage(recipe, resume=resume)  # it applies the dataset's metric choice (with_data_defaults)
 
 
 def preemption_message(result: TrainResult, command: str) -> str:
@@ -84,15 +89,46 @@ def _eval_on_test(recipe: Recipe, model, tokenizer, tag: str) -> dict | None:
 
 
 def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
-             adapter: str | Path | None = None, tag: str | None = None) -> dict:
-    """Score a model (base by default, or a directory, optionally with an adapter) on the test split."""
+             adapter: str | Path | None = None, tag: str | None = None, test_file: str | Path | None = None) -> dict:
+    """Score a model (base by default, or a directory, optionally with an adapter) on the test split.
+
+    With `test_file`, on that file alone: no dataset is built, the file gets the data stage's checks (each drop
+    counted), and the result and a report go to runs/<name>/eval/<tag>.json and runs/<name>/eval/<tag>/.
+    """
     recipe = _recipe(recipe, overrides)
-    if not (recipe.run_dir / "data" / "test.jsonl").is_file():
-        build_dataset(recipe)
+    check_recipe(recipe, data=test_file is None, model=model)
+    tag = tag or ("adapter" if adapter else "model" if model else "base")
+    if test_file is None:
+        if not (recipe.run_dir / "data" / "test.jsonl").is_file():
+            build_dataset(recipe)
+        recipe = with_data_defaults(recipe)
+        loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
+        result = _eval_on_test(recipe, loaded, tokenizer, tag)
+        if result is None:
+            raise InputError(f"{recipe.run_dir / 'data'}: no test split to evaluate on")
+        return result
+    records, quality = checked_file(recipe, test_file)
+    if not any("messages" in r for r in records):
+        raise InputError(f"{test_file}: no records with an answer to score are left (dropped: "
+                         f"{quality['splits']['test']['dropped']})")
+    if recipe.eval.max_samples is not None:
+        records = records[: recipe.eval.max_samples]
     loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
-    result = _eval_on_test(recipe, loaded, tokenizer, tag or ("adapter" if adapter else "model" if model else "base"))
-    if result is None:
-        raise InputError(f"{recipe.run_dir / 'data'}: no test split to evaluate on")
+    # Metrics for what the recipe leaves unset, chosen from this file's answers.
+    choice = recipe_choice(recipe, reference_answers(records),
+                           lambda texts: [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    recipe = apply_choice(recipe, choice)
+    result = evaluate_tiers(recipe, loaded, tokenizer, records, progress=f"eval {tag}")
+    result["data"] = {"test_file": str(test_file), "quality": quality}
+    if choice:
+        result["metric_choice"] = choice
+    write_eval(result, recipe.run_dir / "eval" / f"{tag}.json")
+    artifacts = {"test file": str(test_file), "model": str(model or recipe.model.name_or_path),
+                 "adapter": str(adapter) if adapter else None}
+    scored = {"base": None, "tuned": result} if adapter or model else {"base": result, "tuned": None}
+    report = {**build_report(recipe, **scored, train_summary=None, artifacts=artifacts), "test_data": result["data"],
+              "metric_choice": choice}
+    result["report"] = str(write_report(report, recipe.run_dir / "eval" / tag))
     return result
 
 
@@ -100,6 +136,7 @@ def merge(recipe, overrides: list[str] | None = None, adapter: str | Path | None
           out_dir: str | Path | None = None) -> Path:
     """Merge the recipe's trained adapter (or a given one) into the base and save a HF directory."""
     recipe = _recipe(recipe, overrides)
+    check_model(recipe)
     adapter = Path(adapter or recipe.run_dir / "adapter")
     loaded, tokenizer = load(recipe, adapters={"default": adapter}, full_precision=True)
     if not is_mergeable(loaded):
@@ -112,6 +149,7 @@ def chat_session(recipe, overrides: list[str] | None = None, model: str | Path |
                  adapter: str | Path | None = None, max_new_tokens: int = 128):
     """Load once, then answer prompts greedily with the recipe's template and system prompt."""
     recipe = _recipe(recipe, overrides)
+    check_model(recipe, model)
     loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
     template = get_template(recipe.model.template, tokenizer)
     system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
@@ -138,12 +176,16 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     """
     recipe = _recipe(recipe, overrides)
     run_dir = recipe.run_dir
-    for spec in recipe.export.formats:  # a typo here fails now, not after the training
-        get_format(*spec.split(":"))
+    check_recipe(recipe)  # a typo anywhere fails now, not after the training
     print(f"dstune: [1/7] building the dataset into {run_dir / 'data'}", flush=True)
     data_dir = build_dataset(recipe)
-    counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
-    print(f"dstune:       {counts}", flush=True)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    print(f"dstune:       {manifest['counts']}", flush=True)
+    recipe = with_data_defaults(recipe, data_dir)
+    choice = manifest.get("metric_choice")
+    if choice and choice["applied"]:
+        print(f"dstune:       metrics chosen from the data: {', '.join(recipe.eval.metrics)}; "
+              f"{choice['why']}", flush=True)
 
     print("dstune: [2/7] evaluating the base model", flush=True)
     base_model, tokenizer = load(recipe)
@@ -183,6 +225,7 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
                  "tensorboard": str(run_dir / "tb"), **{f"export {r['format']}:{r['quant']}": r["artifact"] for r in exports}}
     comparison = compare(base, tuned, recipe) if base and tuned else {}
     report = build_report(recipe, base, tuned, trained.summary, artifacts, comparison, exports)
+    report["metric_choice"] = choice if choice and choice["applied"] else None
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
     print(f"dstune: report written to {report_path} and {run_dir / 'report.json'}", flush=True)
@@ -219,8 +262,10 @@ def export(recipe, overrides: list[str] | None = None, spec: str = "onnx:int8", 
     merged_dir = Path(model or recipe.run_dir / "merged")
     if not (merged_dir / "config.json").is_file():
         raise InputError(f"{merged_dir}: no merged model; run `dstune merge` (or `dstune run`) first, or give --model")
+    check_recipe(recipe, model=merged_dir)
     if not (recipe.run_dir / "data" / "test.jsonl").is_file():
         build_dataset(recipe)
+    recipe = with_data_defaults(recipe)
     record = export_and_score(recipe, spec, merged_dir, merged_reference(recipe, merged_dir))
     report_file = recipe.run_dir / "report.json"
     if report_file.is_file():

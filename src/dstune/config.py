@@ -154,8 +154,9 @@ class TrainConfig(StrictModel):
     # A training objective from the registry (dstune.plugins.OBJECTIVES): sft (supervised cross-entropy), or a
     # plugin's.
     objective: str = "sft"
-    learning_rate: float | None = None
-    # If learning_rate is not set it is lr_fraction x pretrain_learning_rate (the 1/10 rule by default).
+    # None: lr_fraction x pretrain_learning_rate when that is set (the 1/10 rule by default), else the method's
+    # default (docs/methods.md: lora 2e-4, ia3 3e-3, prefix 1e-2, bottleneck 1e-4).
+    learning_rate: float | None = Field(None, gt=0)
     pretrain_learning_rate: float | None = None
     lr_fraction: float = 0.1
     epochs: float = 3.0
@@ -224,6 +225,9 @@ class TrainConfig(StrictModel):
         if self.qat and not method.supports_qat:
             raise ValueError(f"qat: quantization-aware training covers method lora, not {self.method}")
         method.check(self)
+        if self.eval_steps > 0 and self.save_steps and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps: {self.save_steps} must be a multiple of train.eval_steps "
+                             f"({self.eval_steps}), so that the best dev checkpoint is one that was saved")
         return self
 
     def options(self, name: str):
@@ -240,15 +244,20 @@ class TrainConfig(StrictModel):
         return METHODS[self.method].packs
 
     def resolved_learning_rate(self) -> float:
-        """The learning rate to use, explicit or as a fraction of the pretraining LR."""
+        """The learning rate to use: explicit, a fraction of the pretraining LR, or the method's default."""
+        return self.learning_rate_source()[0]
+
+    def learning_rate_source(self) -> tuple[float, str]:
+        """The learning rate and where it comes from (for the training summary and the report)."""
         if self.learning_rate is not None:
-            return self.learning_rate
-        if self.pretrain_learning_rate is None:
-            raise InputError(
-                "train.learning_rate: set it, or set train.pretrain_learning_rate "
-                "(the LR is then train.lr_fraction x train.pretrain_learning_rate)"
-            )
-        return self.lr_fraction * self.pretrain_learning_rate
+            return self.learning_rate, "train.learning_rate"
+        if self.pretrain_learning_rate is not None:
+            return (self.lr_fraction * self.pretrain_learning_rate,
+                    f"train.lr_fraction x train.pretrain_learning_rate ({self.lr_fraction} x "
+                    f"{self.pretrain_learning_rate})")
+        from .plugins import METHODS
+
+        return METHODS[self.method].default_learning_rate, f"the {self.method} method's default"
 
 
 class GeneralEvalConfig(StrictModel):
@@ -405,6 +414,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if not loc:  # a whole-recipe check; its message names the key itself
         return f"{source}: {message}{more}"
+    section = _section_at(loc)
+    field, _, rest = message.partition(": ")
+    if first["type"] == "value_error" and rest and section is not None and field in section.model_fields:
+        key, message = f"{key}.{field}", rest  # a check across a section's keys names the key it is about
     got = first.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict) and first["type"] != "value_error" else ""
     return f"{source}: {key}: {message}{shown}{more}"

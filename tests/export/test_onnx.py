@@ -222,3 +222,11 @@ def test_missing_builder_dependency_is_named(tiny_model_dirs, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "onnx_ir", None)  # as if onnx-ir were not installed
     with pytest.raises(DstuneError, match="pip install onnx-ir"):
         export_onnx(tiny_model_dirs["llama"], tmp_path / "out", "fp32")
+
+
+def test_the_builder_s_per_tensor_lines_go_to_its_log_not_the_terminal(tiny_model_dirs, tmp_path, capfd):
+    out = export_onnx(tiny_model_dirs["llama"], tmp_path / "quiet", "fp32")
+    printed = capfd.readouterr()
+    terminal = printed.out + printed.err
+    assert "Saving " not in terminal and "GroupQueryAttention" not in terminal, terminal[-2000:]
+    assert "Saving " in (out / "builder.log").read_text()  # the builder did draw them: into its log

@@ -65,6 +65,26 @@ def test_early_stopping_restores_best_checkpoint(tiny_recipe, monkeypatch):
     assert not all(torch.equal(final[n], t) for n, t in snapshots[0.1].items())
 
 
+def test_the_best_dev_step_is_kept_when_it_is_not_a_save_step(tiny_recipe, monkeypatch):
+    """save_steps 4 with eval_steps 1: the best step (1) was no save step; its weights are still the ones kept."""
+    from dstune.train import loop as trainer_module
+
+    scores = iter([0.5, 0.1, 0.1, 0.1])
+    snapshots = []
+
+    def fake_eval(model, *args, **kwargs):
+        snapshots.append(lora_state(model))
+        return {"metrics": {"exact_match": next(scores)}}
+
+    monkeypatch.setattr(trainer_module, "evaluate_records", fake_eval)
+    recipe = load_recipe(tiny_recipe(train={"max_steps": 4, "eval_steps": 1, "save_steps": 4,
+                                            "early_stopping_patience": 0}))
+    result = api.train(recipe)
+    assert result.summary["best_metric"] == {"exact_match": 0.5}
+    final = lora_state(result.model)
+    assert all(torch.equal(final[name], tensor) for name, tensor in snapshots[0].items())
+
+
 def test_same_seed_same_adapter(tiny_recipe):
     runs = [api.train(load_recipe(tiny_recipe(name=f"seeded{i}", train={"max_steps": 3}))) for i in range(2)]
     first, second = (lora_state(r.model) for r in runs)

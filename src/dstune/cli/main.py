@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from ..errors import DstuneError
 from .resources import resource_message
@@ -18,6 +19,7 @@ EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
   dstune run runs/icd10_lora/report.json name=icd10_lora_again   # the recipe a report recorded
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
+  dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --test-file new_cases.jsonl
   dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
 """
@@ -25,7 +27,8 @@ EPILOG = """examples:
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps `dstune --debug train ...` working as well as `dstune train ... --debug`.
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors, and the libraries' warnings (else in runs/<name>/dstune.log)")
     parser.add_argument("recipe", help="recipe YAML file (see recipes/), or a report.json or other dstune manifest "
                                        "to re-run the recipe it records")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
@@ -71,10 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM the run checkpoints and exits 0.")
     _add_recipe(p)
     _add_resume(p)
-    p = sub.add_parser("eval", help="score a model on the test split",
+    p = sub.add_parser("eval", help="score a model on the test split, or on one file",
                        description="Generate answers on the test split and score them with the recipe's metrics. "
-                                   "Evaluates the base model unless --model or --adapter is given.")
+                                   "Evaluates the base model unless --model or --adapter is given. With "
+                                   "--test-file, score that file alone: no dataset is built; the file gets the "
+                                   "data stage's checks, and a report goes to runs/<name>/eval/<tag>/.")
     _add_recipe(p)
+    p.add_argument("--test-file", help="a file or folder of records to score instead of the recipe's test split")
     p.add_argument("--model", help="a model directory or .gguf file instead of the recipe's base model")
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--tag", help="name of the result file under runs/<name>/eval/")
@@ -133,6 +139,38 @@ def _chat_loop(args, recipe) -> None:
         print(answer(prompt), flush=True)
 
 
+class _RunLog(logging.FileHandler):
+    """A log file opened at its first record (its folder made then): no file for a run that logged nothing."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True, encoding="utf-8")
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+LIBRARY_LOGGERS = ("py.warnings", "transformers", "peft", "accelerate", "torch", "onnxruntime", "huggingface_hub")
+
+
+def library_output_to(path: Path) -> None:
+    """Python warnings and the libraries' log records go to `path` instead of the terminal (--debug keeps them).
+
+    peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: a
+    FutureWarning on each `chat`, `eval` and `run` that the user can do nothing about.
+    """
+    from transformers.utils import logging as hf_logging
+
+    handler = _RunLog(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.captureWarnings(True)
+    hf_logging.disable_default_handler()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
 def dispatch(args) -> int:
     """Run one parsed command."""
     if args.command == "convert-weights":
@@ -153,6 +191,8 @@ def dispatch(args) -> int:
         from ..tuners.methods import check_adapters
 
         check_adapters(args.adapter)
+    if not args.debug:
+        library_output_to(recipe.run_dir / "dstune.log")
     from .. import api
 
     command = " ".join(["dstune", args.command, args.recipe, *args.overrides])
@@ -172,9 +212,13 @@ def dispatch(args) -> int:
         else:
             print(f"dstune: adapter saved to {result.adapter_dir}")
     elif args.command == "eval":
-        result = api.evaluate(recipe, model=args.model, adapter=args.adapter, tag=args.tag)
+        result = api.evaluate(recipe, model=args.model, adapter=args.adapter, tag=args.tag, test_file=args.test_file)
         for name, value in result["metrics"].items():
             print(f"{name}: {value:.4f}")
+        if "report" in result:
+            books = result["data"]["quality"]["splits"]["test"]
+            print(f"dstune: {books['kept']} of {books['input']} records scored (dropped: {books['dropped'] or 'none'});"
+                  f" report: {result['report']}")
     elif args.command == "merge":
         out = api.merge(recipe, adapter=args.adapter, out_dir=args.out)
         print(f"dstune: merged model saved to {out}")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..errors import InputError, phase
+from ..evaluate.choice import apply_choice, recipe_choice, reference_answers, unset_keys
 from ..provenance import provenance
 from .augment import augment_record
 from .domain import adversarial_filter
@@ -55,6 +56,7 @@ def token_lengths(recipe: Recipe) -> LengthFn:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [len(x) + (eos if "text" in r else 0) for x, r in zip(ids, records)]
 
+    lengths.count = lambda texts: [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return lengths
 
 
@@ -97,6 +99,17 @@ def check_splits(recipe: Recipe, log: DropLog, out: Path, lengths: LengthFn | No
     return counts, stats, checks
 
 
+def checked_file(recipe: Recipe, path: str | Path, split: str = "test") -> tuple[list[dict], dict]:
+    """The records of one file that pass the data stage's checks (as that split), and the books of what dropped."""
+    data = recipe.data
+    log = DropLog(strict=data.quality.strict)
+    checks = QualityChecks(data.quality, log, token_lengths(recipe), data.max_length)
+    prepared = (with_system_prompt(r, data.system_prompt) for r in file_samples(str(path), split, log, data.fields))
+    records = list(tqdm(checks.run(split, prepared), desc=f"checking {Path(path).name}", unit=" records",
+                        disable=None))
+    return records, log.summary({split: len(records)})
+
+
 @phase("building the dataset")
 def build_dataset(recipe: Recipe) -> Path:
     """Run the data source, the checks and the selection; write the dataset folder and its reports."""
@@ -131,13 +144,33 @@ def build_dataset(recipe: Recipe) -> Path:
         if not splits["train"]:
             raise InputError("data: the selection left no training samples (see data.adversarial, data.stratify)")
         counts["train"] = write_jsonl(out / "train.jsonl", splits["train"])
+    choice = metric_choice(recipe, out, lengths.count)
     # The replay pool's books: what was mixed into train counts as its kept records.
     report = log.summary({**counts, **({"replay": selection["replay"]["added"]} if "replay" in selection else {})})
     manifest = {"stage": "data", "source": data.source, "counts": counts, **stats, **selection, "stages": stages,
-                "quality": report, "max_length": data.max_length, "provenance": provenance(recipe)}
+                "quality": report, "max_length": data.max_length, "near_threshold": data.quality.near_threshold, **({"metric_choice": choice} if choice else {}),
+                "provenance": provenance(recipe)}
     write_reports(out, recipe.name, manifest)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return out
+
+
+def metric_choice(recipe: Recipe, out: Path, count_tokens) -> dict | None:
+    """Metrics and answer length chosen from the eval splits' answers (train's without them), for what the recipe
+    leaves unset (dstune.evaluate.choice); None when it sets them all."""
+    if not unset_keys(recipe):
+        return None
+    answers = reference_answers(load_split(out, "dev") + load_split(out, "test")) or reference_answers(
+        load_split(out, "train"))
+    return recipe_choice(recipe, answers, count_tokens)
+
+
+def with_data_defaults(recipe: Recipe, data_dir: Path | None = None) -> Recipe:
+    """The recipe with the metric choice of its dataset folder applied where it sets none."""
+    manifest = Path(data_dir or recipe.run_dir / "data") / "manifest.json"
+    if not manifest.is_file() or not unset_keys(recipe):
+        return recipe
+    return apply_choice(recipe, json.loads(manifest.read_text()).get("metric_choice"))
 
 
 def reference_texts(reference: str, splits: dict[str, list[dict]], fields: dict[str, str]) -> list[str]:

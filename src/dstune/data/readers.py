@@ -89,19 +89,22 @@ READERS: dict[str, Callable[[Path], Iterator[RawRecord]]] = {
 }
 
 
-def read_records(path: str | Path) -> Iterator[RawRecord]:
-    """Every record of a file, or of the data files of a folder in name order."""
+def data_files(path: str | Path) -> list[Path]:
+    """The data files a path names (itself, or a folder's in name order); one-line errors when there are none."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in READERS)
         if not files:
             raise InputError(f"{path}: no data files ({', '.join(READERS)}) in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
+        return files
+    if not path.is_file():
         raise InputError(f"{path}: data file not found")
-    for file in files:
-        reader = READERS.get(file.suffix)
-        if reader is None:
-            raise InputError(f"{file}: unsupported data file type; use one of {', '.join(READERS)}")
-        yield from reader(file)
+    if path.suffix not in READERS:
+        raise InputError(f"{path}: unsupported data file type; use one of {', '.join(READERS)}")
+    return [path]
+
+
+def read_records(path: str | Path) -> Iterator[RawRecord]:
+    """Every record of a file, or of the data files of a folder in name order."""
+    for file in data_files(path):
+        yield from READERS[file.suffix](file)

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..plugins import SOURCES
 from .formats import RecordError, to_sample
 from .quality import DropLog
-from .readers import read_records
+from .readers import data_files, read_records
 
 Splits = dict[str, Iterable[dict]]
 # The function form `register_source` still takes: (data section, drop log) -> (samples per split, stats).
@@ -49,6 +49,9 @@ class Source:
         """
         raise NotImplementedError
 
+    def check(self, options, data: DataConfig) -> None:
+        """Refuse what the recipe alone shows to be wrong (a missing file), before any stage runs: raise InputError."""
+
 
 def file_samples(path: str, split: str, log: DropLog, fields: dict[str, str]) -> Iterator[dict]:
     """The samples of a file or folder; unreadable and malformed records are counted in the log."""
@@ -67,9 +70,19 @@ def file_samples(path: str, split: str, log: DropLog, fields: dict[str, str]) ->
 class FilesSource(Source):
     """Stream train/dev/test files (JSONL, JSON, CSV, Parquet, or folders): messages, Alpaca, ShareGPT or text."""
 
-    def build(self, options, data: DataConfig, log: DropLog) -> tuple[Splits, dict]:
+    def check(self, options, data: DataConfig) -> None:
         if not data.train_file:
             raise InputError("data.train_file: required when data.source is 'files'")
+        for split in ("train", "dev", "test"):
+            if getattr(data, f"{split}_file"):
+                data_files(getattr(data, f"{split}_file"))
+        reference = data.adversarial.reference
+        if reference in ("dev", "test") and not getattr(data, f"{reference}_file"):
+            raise InputError(f"data.adversarial.reference: {reference!r} is the {reference} split, and "
+                             f"data.{reference}_file is not set; give that file, or a reference file")
+
+    def build(self, options, data: DataConfig, log: DropLog) -> tuple[Splits, dict]:
+        self.check(options, data)
         paths = {s: getattr(data, f"{s}_file") for s in ("train", "dev", "test") if getattr(data, f"{s}_file")}
         splits = {split: file_samples(path, split, log, data.fields) for split, path in paths.items()}
         return splits, {"files": paths}
@@ -96,10 +109,16 @@ def register_source(name: str, source: Source | type[Source] | SourceFn) -> None
     SOURCES.register(name, source)
 
 
-def build_source(data: DataConfig, log: DropLog) -> tuple[Splits, dict]:
-    """Run the recipe's data source (`data.source`) with its options section."""
+def source_options(data: DataConfig) -> tuple[Source, object]:
+    """The recipe's data source (`data.source`) and its options section."""
     source = SOURCES[data.source]
     options = data.options(data.source)
     if options is None and source.options is not None:  # a DataConfig built without the plugins' sections
         options = source.options()
+    return source, options
+
+
+def build_source(data: DataConfig, log: DropLog) -> tuple[Splits, dict]:
+    """Run the recipe's data source with its options section."""
+    source, options = source_options(data)
     return source.build(options, data, log)

@@ -165,9 +165,18 @@ def exports_table(exports: list[dict]) -> str:
 
 def write_report(report: dict, run_dir: Path) -> Path:
     """Write report.json and report.md into the run folder; returns the markdown path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    parts = [f"# dstune report: {report['recipe']}", "", f"Test samples: {report['test_samples']}", "",
-             metrics_table(report), ""]
+    parts = [f"# dstune report: {report['recipe']}", "", f"Test samples: {report['test_samples']}", ""]
+    if report.get("test_data"):  # `dstune eval --test-file`: the file's own checks
+        books = report["test_data"]["quality"]["splits"]["test"]
+        parts += [f"Test file: `{report['test_data']['test_file']}`: {books['input']} records, {books['kept']} kept, "
+                  f"dropped by reason: {books['dropped'] or 'none'}.", ""]
+    choice = report.get("metric_choice")
+    if choice and choice.get("applied"):  # the recipe named no metrics: say what the data chose, and why
+        chosen = ", ".join(f"{key} = {choice[key]}" for key in choice["applied"])
+        parts += [f"Chosen from the data, as the recipe sets none: {chosen}. Why: {choice['why']}.", ""]
+    parts += [metrics_table(report), ""]
     if report["training"]:
         t = report["training"]
         parts += [

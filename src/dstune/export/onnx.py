@@ -37,6 +37,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import DstuneError, InputError
 from ..plugins import EXPORTS
@@ -97,8 +98,11 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Offline mode turns any hub request the builder might make into an error instead of a download.
     offline = mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # The builder prints and draws a progress line per tensor it saves (hundreds): all of it goes to builder.log,
+    # and the user sees one bar for the stage.
+    bar = tqdm(total=1, desc=f"building onnx:{quant}", unit=" model", disable=None)
     with tempfile.TemporaryDirectory() as cache_dir, offline, (out_dir / "builder.log").open("w") as log, \
-            contextlib.redirect_stdout(log), _logging_to(log):
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _logging_to(log), bar:
         try:
             extra = parse_extra_options(None, str(merged_dir), str(out_dir), quant, "cpu", cache_dir,
                                         [f"{k}={v}" for k, v in options.items()])
@@ -107,6 +111,7 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
             raise DstuneError(f"ONNX export of {merged_dir} failed in onnxruntime-genai's builder: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         embedding = quantize_embedding(out_dir, int(BUILDER_OPTIONS[quant]["block_size"])) if quant == "int8" else None
+        bar.update()
     (out_dir / "dstune_onnx.json").write_text(json.dumps({
         "embedding": embedding,
         "format": "onnx", "quant": quant, "source": str(merged_dir), "execution_provider": "cpu",

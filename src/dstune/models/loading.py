@@ -119,6 +119,12 @@ def resolve_model_path(name_or_path: str) -> Path:
         if not path.is_file():
             raise InputError(f"{path}: GGUF file not found")
         return convert_gguf(path)
+    _check_model_dir(name_or_path)
+    return path
+
+
+def _check_model_dir(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
     if not path.is_dir():
         known = ", ".join(sorted(EMBEDDED_MODELS))
         raise InputError(f"{name_or_path}: model not found (neither a local directory, a .gguf file, "
@@ -126,7 +132,40 @@ def resolve_model_path(name_or_path: str) -> Path:
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: no config.json, so not a Hugging Face model directory")
     check_weights(path)
-    return path
+
+
+def check_model_source(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """What `resolve_model_path` and the loaders would refuse, found without converting or loading anything."""
+    if name_or_path in EMBEDDED_MODELS:
+        embedded_gguf_path(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"{path}: GGUF file not found")
+        if not (_gguf_cache_dir(path) / "config.json").is_file():
+            _check_gguf_architecture(path)
+        return
+    _check_model_dir(name_or_path)
+    _refuse_remote_code(path, trust_remote_code)
+
+
+def _check_gguf_architecture(gguf: Path) -> None:
+    """Refuse a GGUF file whose architecture transformers cannot read (from its header)."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(gguf).fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is the same answer for the user
+        raise InputError(f"{gguf}: not a readable GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0]})") \
+            from None
+    # transformers maps some names first (qwen3moe -> qwen3_moe): refuse only what no supported name resembles.
+    name = architecture.replace("-", "").replace("_", "")
+    known = {a.replace("_", "") for a in GGUF_SUPPORTED_ARCHITECTURES if a not in {"general", "tokenizer"}}
+    if name not in known and not any(k in name for k in known if len(k) > 3):
+        raise InputError(_unsupported_gguf(gguf))
 
 
 def check_weights(path: Path) -> bool:

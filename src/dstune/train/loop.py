@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import Recipe
-from ..data.build import load_split
+from ..data.build import load_split, with_data_defaults
 from ..data.templates import get_template
 from ..data.tokenize import audit_labels, encode_conversation, encode_text
 from ..errors import DstuneError, InputError, phase
@@ -138,11 +138,8 @@ def check_schedule(recipe: Recipe, has_dev: bool) -> tuple[bool, int]:
     """Whether dev evaluation runs, and the checkpoint interval (a multiple of the evaluation interval)."""
     cfg = recipe.train
     evaluate = has_dev and cfg.eval_steps > 0
-    save_steps = cfg.save_steps or (cfg.eval_steps if evaluate else 50)
-    if evaluate and save_steps % cfg.eval_steps:
-        raise InputError(f"train.save_steps: {save_steps} must be a multiple of train.eval_steps ({cfg.eval_steps}), "
-                         "so that the best dev checkpoint is one that was saved")
-    return evaluate, save_steps
+    # A save_steps that is not a multiple of eval_steps is refused with the recipe (config.TrainConfig).
+    return evaluate, cfg.save_steps or (cfg.eval_steps if evaluate else 50)
 
 
 def build_optimizer(model, objective, cfg) -> torch.optim.Optimizer:
@@ -277,9 +274,10 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     from accelerate.utils import set_seed
 
     # --- setup: data ---
+    data_dir = Path(data_dir or recipe.run_dir / "data")
+    recipe = with_data_defaults(recipe, data_dir)  # train.metric and eval.max_new_tokens, if the recipe sets none
     cfg = recipe.train
     method, method_options = METHODS[cfg.method], cfg.options(cfg.method)
-    data_dir = Path(data_dir or recipe.run_dir / "data")
     train_records, dev_records = load_split(data_dir, "train"), load_split(data_dir, "dev")
     if not train_records:
         raise InputError(f"{data_dir}: no train.jsonl; run `dstune data` first")
@@ -538,6 +536,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
                     value = metrics[metric_name]
                     if improved(value):
                         state.best_metric, state.best_step, state.patience_used = value, step, 0
+                        should_save = True  # the best step's weights are restored at the end: keep them
                     else:
                         state.patience_used += 1
                         if 0 < cfg.early_stopping_patience <= state.patience_used:
@@ -588,6 +587,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "total_parameters": total,
         "trainable_percent": round(100 * trainable / total, 4),
         "learning_rate": cfg.resolved_learning_rate(),
+        "learning_rate_from": cfg.learning_rate_source()[1],
         "optimizer_steps": state.global_step,
         "epochs": round(state.epoch, 3),
         "world_size": world,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import field_validator
+
 from ..config import StrictModel
 from ..errors import InputError
 from ..plugins import METHODS
@@ -16,6 +18,13 @@ class IA3Options(StrictModel):
 
     # "auto": keys, values and the MLP down-projection (inputs scaled) of the architecture's preset.
     targets: list[str] | Literal["auto"] = "auto"
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value):
+        if not value:
+            raise ValueError("name at least one module, or auto")
+        return value
 
 
 def add_ia3(model, options: IA3Options):
@@ -44,6 +53,8 @@ class IA3Method(Method):
     """Learned rescaling of keys, values and MLP inputs (train.ia3)."""
 
     options = IA3Options
+    # The IA3 paper (T-Few) and PEFT's IA3 examples: its scaling vectors need a far larger step than LoRA.
+    default_learning_rate = 3e-3
     summary = "learned rescaling of keys, values and MLP inputs"
 
     def add(self, model, options, train):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from typing import Literal
 
+from pydantic import Field
+
 from ..config import StrictModel
 from ..errors import InputError
 from ..plugins import METHODS
@@ -15,10 +17,10 @@ from .targets import target_preset
 class LoraOptions(StrictModel):
     """peft LoRA options (the recipe sections train.lora and, for DoRA, also train.lora)."""
 
-    r: int = 16
-    alpha: int = 32
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, gt=0)
     # peft's default; on CPUs the dropout masks (one per adapted module) cost ~40% of the forward pass.
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # "auto" takes the preset of the model's architecture (see dstune.tuners.targets).
     targets: list[str] | Literal["auto", "all-linear"] = "auto"
     # DeepSeek-V3/MoE: also adapt the fused routed experts through peft `target_parameters`.
@@ -104,6 +106,8 @@ class LoraMethod(Method):
     summary = "low-rank updates of the linear weights"
     fuses = True
     supports_qat = True
+    # PEFT's LoRA examples and the QLoRA paper (1e-4 to 2e-4 for 7B-class models).
+    default_learning_rate = 2e-4
     use_dora = False
 
     def check(self, train) -> None:

@@ -42,6 +42,8 @@ class Method:
     fuses: bool = False
     # Whether quantization-aware training (train.qat) covers it.
     supports_qat: bool = False
+    # The learning rate of a recipe that sets none (as PEFT's and LLaMA-Factory's examples use for the method).
+    default_learning_rate: float = 1e-4
 
     def check(self, train) -> None:
         """Refuse settings of the whole train section that this method cannot honour (raise ValueError)."""

@@ -61,6 +61,8 @@ class PrefixMethod(Method):
     """Learned key/value prefixes in every layer (train.prefix), optionally a shared prefix plus one per task."""
 
     options = PrefixOptions
+    # PEFT's Prefix-Tuning examples (1e-2 to 3e-2).
+    default_learning_rate = 1e-2
     summary = "learned key/value prefixes in every layer"
     packs = False
     packing_conflict = ("tuning prepends virtual tokens that every sample attends to, which a packed row cannot "

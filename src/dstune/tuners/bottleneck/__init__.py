@@ -58,6 +58,8 @@ class BottleneckMethod(Method):
     """Bottleneck MLPs after attention and/or the MLP (train.bottleneck), optionally switched on in stages."""
 
     options = BottleneckOptions
+    # Houlsby et al. and AdapterHub's default for bottleneck adapters.
+    default_learning_rate = 1e-4
     summary = "bottleneck MLPs after attention and/or the MLP"
 
     def __init__(self):

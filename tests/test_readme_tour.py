@@ -1,0 +1,79 @@
+"""The README's five-minute tour, run as written (English and Chinese), so that it cannot go stale; and quietly.
+
+The commands are read from the README itself. Each runs in a folder holding a copy of recipes/, with overrides
+appended that only make the work small: a tiny random model, fewer ICD-10 chapters and categories, two training
+steps, a few evaluation samples.
+"""
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cli_runner import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tour_lines(readme: Path) -> list[str]:
+    """The shell lines of the first bash block after the tour heading (comments stripped)."""
+    text = readme.read_text(encoding="utf-8")
+    start = re.search(r"^## (A five-minute tour|五分钟.*)$", text, re.M)
+    assert start, f"{readme.name}: no tour heading"
+    block = re.search(r"```bash\n(.*?)```", text[start.end():], re.S).group(1)
+    lines = []
+    for raw in block.splitlines():
+        command = shlex.split(raw, comments=True)
+        if command:
+            lines.append(shlex.join(command))
+    return lines
+
+
+def error_example(readme: Path) -> tuple[list[str], str]:
+    """The README's mistyped-key example: the command and the one line it prints."""
+    text = readme.read_text(encoding="utf-8")
+    found = re.search(r"^\$ (dstune .*)\n(dstune: error: .*)$", text, re.M)
+    return shlex.split(found.group(1))[1:], found.group(2)
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
+    english, chinese = tour_lines(ROOT / "README.md"), tour_lines(ROOT / "README_zh.md")
+    assert english == chinese  # the two READMEs tour the same commands
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    small = [f"model.name_or_path={tiny_model_dirs['llama']}", "data.icd10.chapters=[\"10\"]",
+             "data.icd10.max_train_per_category=2", "data.max_length=64", "train.max_steps=2",
+             "train.max_dev_samples=4", "eval.max_samples=4", "eval.general.max_samples=4", "eval.batch_size=4"]
+    commands, other = [], []
+    for line in english:
+        argv = shlex.split(line)
+        if argv[0] != "dstune":
+            other.append(argv)
+            continue
+        commands.append({"argv": argv[1:] + (small if len(argv) > 2 else []), "cwd": str(tmp_path)})
+    results = run_cli(commands)
+    for command, result in zip(commands, results):
+        assert result.returncode == 0, (command["argv"][:3], result.stderr[-3000:])
+    help_text = results[0].stdout
+    assert all(name in help_text for name in ("run", "data", "train", "eval", "merge", "export", "chat"))
+    run_dir = tmp_path / "runs" / "icd10_lora"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "merged").is_dir()
+    assert "exact_match: " in results[3].stdout and results[-1].stdout.strip()
+    # Library warnings go to the run's log, not the terminal: peft reads transformers' deprecated
+    # is_gradient_checkpointing on every adapter load (eval and chat load one).
+    assert not any("FutureWarning" in r.stderr or "is_gradient_checkpointing" in r.stderr for r in results)
+    assert "is_gradient_checkpointing" in (run_dir / "dstune.log").read_text()
+    [debug] = run_cli([{"argv": commands[-1]["argv"] + ["--debug"], "cwd": str(tmp_path)}])
+    assert debug.returncode == 0 and "is_gradient_checkpointing" in debug.stderr  # --debug: on the terminal
+    # tensorboard --logdir runs/icd10_lora/tb: the folder it is pointed at holds the training curves.
+    # `. .venv/bin/activate`: the environment these commands already run in (make setup made it).
+    assert other == [[".", ".venv/bin/activate"], ["tensorboard", "--logdir", "runs/icd10_lora/tb"]]
+    assert (ROOT / ".venv" / "bin" / "dstune").is_file() or shutil.which("dstune")
+    assert any((tmp_path / other[1][2]).glob("events.out.tfevents.*"))
+
+    argv, printed = error_example(ROOT / "README.md")
+    assert error_example(ROOT / "README_zh.md") == (argv, printed)
+    [result] = run_cli([{"argv": argv, "cwd": str(tmp_path)}])
+    assert (result.returncode, result.stderr.strip()) == (2, printed)
