@@ -62,6 +62,8 @@ def test_metric_choice_reaches_early_stopping_and_the_answer_length(tiny_recipe,
     out = api.data(recipe)
     choice = json.loads((out / "manifest.json").read_text())["metric_choice"]
     assert choice["applied"] == ["eval.metrics", "train.metric", "eval.max_new_tokens"]
+    assert "Chosen from the answers, as the recipe sets none: eval.metrics = ['rougeL', 'contains_answer']" in (
+        out / "report.md").read_text()
     resolved = with_data_defaults(recipe)
     assert resolved.eval.metrics == ["rougeL", "contains_answer"] and resolved.train.metric == "rougeL"
     assert resolved.eval.max_new_tokens == choice["eval.max_new_tokens"] > 16

@@ -50,6 +50,10 @@ def report_markdown(name: str, manifest: dict) -> str:
         lines += ["", "Records after each stage: " + "; ".join(
             f"{s['stage']} " + ", ".join(f"{k} {v}" for k, v in s.items() if k != "stage")
             for s in manifest["stages"]) + "."]
+    choice = manifest.get("metric_choice")
+    if choice and choice.get("applied"):
+        chosen = ", ".join(f"{key} = {choice[key]}" for key in choice["applied"])
+        lines += ["", f"Chosen from the answers, as the recipe sets none: {chosen}. Why: {choice['why']}."]
     for split, stats in manifest.get("lengths", {}).items():
         lines.append(f"- {split}: {stats['count']} samples, tokens mean {stats['mean']}, median {stats['p50']}, "
                      f"p95 {stats['p95']}, max {stats['max']}")
