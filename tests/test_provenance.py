@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from dstune import api
 from dstune.cli.main import main
 from dstune.config import load_recipe
+from dstune.data.build import with_data_defaults
 from dstune.errors import InputError
 from dstune.provenance import LIBRARIES, git_state, load_recipe_or_manifest, provenance, recipe_from_manifest
 
@@ -33,8 +34,13 @@ def test_a_report_alone_reruns_its_run_bit_for_bit(tiny_recipe, tmp_path):
                                      export={"formats": ["torchao:int8"], "min_retention": 0.01}))
     api.run(recipe)
     first = recipe.run_dir
+    # The recipe names no eval.metrics: the data stage chose them (dstune.evaluate.choice), and the later stages
+    # record the recipe they ran, with the choice written out; the dataset records the recipe it was given.
+    resolved = with_data_defaults(recipe)
+    assert resolved.eval.metrics == ["exact_match", "contains_answer"]
     for name in MANIFESTS:
-        check_provenance(json.loads((first / name).read_text())["provenance"], recipe)
+        check_provenance(json.loads((first / name).read_text())["provenance"],
+                         recipe if name.startswith("data/") else resolved)
     assert "## Provenance" in (first / "report.md").read_text()
     assert "train.lora.r=4" in (first / "report.html").read_text()
 
@@ -42,7 +48,7 @@ def test_a_report_alone_reruns_its_run_bit_for_bit(tiny_recipe, tmp_path):
     assert main(["run", str(first / "report.json"), "name=again"]) == 0
     again = first.parent / "again"
     rerun = json.loads((again / "report.json").read_text())["provenance"]["recipe"]
-    assert rerun == {**recipe.model_dump(mode="json"), "name": "again"}
+    assert rerun == {**resolved.model_dump(mode="json"), "name": "again"}
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (first, again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].any() for k in a if "lora_B" in k)  # trained: LoRA's B starts at zero

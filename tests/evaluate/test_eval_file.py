@@ -23,7 +23,7 @@ def test_eval_on_a_single_file_needs_only_that_file(tiny_recipe, tmp_path):
     raw["data"]["adversarial"] = {"reference": "dev"}  # needs a dev split, which eval on a file does not
     result = api.evaluate(load_recipe(raw), test_file=test, tag="new")
     run_dir = tmp_path / "runs" / "file_only"
-    assert result["samples"] == 6 and set(result["metrics"]) == {"exact_match"}
+    assert result["samples"] == 6 and set(result["metrics"]) == {"exact_match", "contains_answer"}
     books = result["data"]["quality"]["splits"]["test"]
     assert books["input"] == 8 and books["kept"] == 6 and sum(books["dropped"].values()) == 2
     assert not (run_dir / "data").exists()  # no dataset was built
@@ -41,7 +41,8 @@ def test_eval_on_a_single_file_needs_only_that_file(tiny_recipe, tmp_path):
 def test_short_labels_get_exact_match_and_long_answers_rouge_l():
     count = lambda texts: [len(t) for t in texts]  # noqa: E731  (one token per character)
     short = choose_metrics(["J21", "E11.9", "I10"], count, 512)
-    assert short["eval.metrics"] == ["exact_match"] and short["eval.max_new_tokens"] == 16
+    assert short["eval.metrics"] == ["exact_match", "contains_answer"] and short["train.metric"] == "exact_match"
+    assert short["eval.max_new_tokens"] == 16
     long = choose_metrics([LONG_ANSWER] * 5, count, 512)
     assert long["eval.metrics"] == ["rougeL", "contains_answer"] and long["train.metric"] == "rougeL"
     assert long["eval.max_new_tokens"] >= 1.25 * len(LONG_ANSWER) and "long answers" in long["why"]

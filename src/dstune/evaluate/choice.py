@@ -34,8 +34,11 @@ def choose_metrics(answers: list[str], count_tokens: Callable[[list[str]], list[
     room = max(16, min(max_length, 16 * math.ceil(1.25 * p95 / 16)))
     numbers = f"median {median} tokens, 95th percentile {p95}, over {len(answers)} reference answers"
     if median <= SHORT_ANSWER_TOKENS:
-        return {"eval.metrics": ["exact_match"], "train.metric": "exact_match", "eval.max_new_tokens": room,
-                "why": f"short answers ({numbers}): labels, scored by exact match"}
+        # contains_answer as well: a chatty model ('The opposite of "hot" is "cold"') scores 0 on exact match.
+        return {"eval.metrics": ["exact_match", "contains_answer"], "train.metric": "exact_match",
+                "eval.max_new_tokens": room,
+                "why": f"short answers ({numbers}): labels, scored by exact match, and contains_answer for answers "
+                       "that wrap the label in a sentence"}
     return {"eval.metrics": list(LONG_METRICS), "train.metric": LONG_METRICS[0], "eval.max_new_tokens": room,
             "why": f"long answers ({numbers}): exact match would be 0 whatever the model learned, so ROUGE-L "
                    "(Chinese by character) and contains_answer"}
