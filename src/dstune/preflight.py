@@ -28,7 +28,7 @@ def check_model(recipe: Recipe, model: str | Path | None = None) -> None:
 
 def check_data(recipe: Recipe) -> None:
     """The data source's files, the adversarial reference, the replay file and the augmentation rules."""
-    from .data.augment import AUGMENT_RULES
+    from .data.augment import check_rules
     from .data.readers import data_files
     from .data.sources import source_options
 
@@ -40,9 +40,7 @@ def check_data(recipe: Recipe) -> None:
         data_files(reference)
     if data.replay.ratio and data.replay.file:
         data_files(data.replay.file)
-    for name in data.augment.rules:
-        if name not in AUGMENT_RULES:
-            raise InputError(f"data.augment.rules: unknown rule {name!r}; choose from {sorted(AUGMENT_RULES)}")
+    check_rules(data.augment.rules)
 
 
 def check_eval(recipe: Recipe) -> None:

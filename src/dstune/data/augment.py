@@ -166,16 +166,22 @@ def register_rule(name: str, rule: RuleFn) -> None:
     AUGMENT_RULES[name] = rule
 
 
+def check_rules(rules) -> None:
+    """Every rule name is registered (the recipe check and each record use this one check)."""
+    for name in rules:
+        if name not in AUGMENT_RULES:
+            raise InputError(f"data.augment.rules: unknown rule {name!r}; choose from {sorted(AUGMENT_RULES)}")
+
+
 def augment_record(record: dict, rules: dict[str, dict], rng: random.Random) -> tuple[dict | None, str]:
     """A changed copy of a record and "augmented", or None and why not ("no_match", "inconsistent", "no_change")."""
     # A raw text (continued pre-training) has no answer to keep consistent: the whole text is the prompt.
     messages = record.get("messages") or [{"role": "user", "content": record["text"]}]
     prompt = "\n".join(t["content"] for t in messages if t["role"] != "assistant")
     answer = "\n".join(t["content"] for t in messages if t["role"] == "assistant")
+    check_rules(rules)
     subs: list[Substitution] = []
     for name, options in rules.items():
-        if name not in AUGMENT_RULES:
-            raise InputError(f"data.augment.rules: unknown rule {name!r}; choose from {sorted(AUGMENT_RULES)}")
         subs += AUGMENT_RULES[name](prompt, rng, options or {})
     if not subs:
         return None, "no_match"

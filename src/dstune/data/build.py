@@ -148,8 +148,8 @@ def build_dataset(recipe: Recipe) -> Path:
     # The replay pool's books: what was mixed into train counts as its kept records.
     report = log.summary({**counts, **({"replay": selection["replay"]["added"]} if "replay" in selection else {})})
     manifest = {"stage": "data", "source": data.source, "counts": counts, **stats, **selection, "stages": stages,
-                "quality": report, "max_length": data.max_length, "near_threshold": data.quality.near_threshold, **({"metric_choice": choice} if choice else {}),
-                "provenance": provenance(recipe)}
+                "quality": report, "max_length": data.max_length, "near_threshold": data.quality.near_threshold,
+                **({"metric_choice": choice} if choice else {}), "provenance": provenance(recipe)}
     write_reports(out, recipe.name, manifest)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return out

@@ -268,7 +268,8 @@ class TextIndex:
             found += [(float((sigs[m] == sigs[i]).mean()), locations[m]) for m in batch]
             found = [f for f in found if f[0] < self.threshold]
             if found:
-                item = (*max(found)[:1], locations[i], max(found)[1])
+                similarity, other = max(found)
+                item = (similarity, locations[i], other)
                 if len(self._closest) < CLOSEST_PAIRS:
                     heapq.heappush(self._closest, item)
                 elif item > self._closest[0]:

@@ -61,16 +61,27 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
-def _unsupported_gguf(gguf: Path) -> str:
-    """Why transformers cannot read this GGUF: its architecture, and the ones it can."""
-    import transformers
+def _gguf_architecture(gguf: Path) -> str:
+    """The architecture a GGUF file's header names."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     field = GGUFReader(gguf).fields["general.architecture"]
-    architecture = bytes(field.parts[field.data[0]]).decode()
-    # "general" and "tokenizer" sit in transformers' list as metadata sections, not architectures.
-    supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in {"general", "tokenizer"})
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _supported_gguf_architectures() -> list[str]:
+    """transformers' GGUF architectures ("general" and "tokenizer" sit in its list as metadata sections)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in {"general", "tokenizer"}]
+
+
+def _unsupported_gguf(gguf: Path, architecture: str | None = None) -> str:
+    """Why transformers cannot read this GGUF: its architecture, and the ones it can."""
+    import transformers
+
+    architecture = architecture or _gguf_architecture(gguf)
+    supported = ", ".join(_supported_gguf_architectures())
     return (f"{gguf}: GGUF architecture {architecture!r} is not supported by transformers "
             f"{transformers.__version__} (supported: {supported}); use a Hugging Face safetensors directory instead")
 
@@ -152,20 +163,16 @@ def check_model_source(name_or_path: str, trust_remote_code: bool = False) -> No
 
 def _check_gguf_architecture(gguf: Path) -> None:
     """Refuse a GGUF file whose architecture transformers cannot read (from its header)."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
     try:
-        field = GGUFReader(gguf).fields["general.architecture"]
-        architecture = bytes(field.parts[field.data[0]]).decode()
+        architecture = _gguf_architecture(gguf)
     except Exception as exc:  # noqa: BLE001 - any unreadable header is the same answer for the user
         raise InputError(f"{gguf}: not a readable GGUF file ({type(exc).__name__}: {str(exc).splitlines()[0]})") \
             from None
     # transformers maps some names first (qwen3moe -> qwen3_moe): refuse only what no supported name resembles.
     name = architecture.replace("-", "").replace("_", "")
-    known = {a.replace("_", "") for a in GGUF_SUPPORTED_ARCHITECTURES if a not in {"general", "tokenizer"}}
+    known = {a.replace("_", "") for a in _supported_gguf_architectures()}
     if name not in known and not any(k in name for k in known if len(k) > 3):
-        raise InputError(_unsupported_gguf(gguf))
+        raise InputError(_unsupported_gguf(gguf, architecture))
 
 
 def check_weights(path: Path) -> bool:
