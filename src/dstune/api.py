@@ -1,4 +1,4 @@
-"""The Python API: one function per CLI command (`dstune run|data|train|eval|merge|export|chat`)."""
+"""The Python API: one function per CLI command (`dstune run|data|train|eval|curve|merge|export|chat`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from .data.templates import get_template
 from .errors import GateError, InputError
 from .evaluate.choice import apply_choice, recipe_choice, reference_answers
 from .evaluate.generate import generate
+from .evaluate.fewshot import label as few_shot_label
 from .evaluate.harness import write_eval
-from .evaluate.tiers import compare, evaluate_tiers
+from .evaluate.tiers import compare, evaluate_few_shot, evaluate_tiers, paired_comparison
 from .evaluate.report import build_report, metrics_table, write_report
 from .export.artifacts import export_and_score, gate_failures, scoring_recipe, test_records
 from .export.formats import get_format
@@ -88,22 +89,45 @@ def _eval_on_test(recipe: Recipe, model, tokenizer, tag: str) -> dict | None:
     return result
 
 
+def few_shot_tag(recipe: Recipe, tag: str) -> str:
+    """The file name of a k-shot evaluation: `base-5shot-random`."""
+    return f"{tag}-{recipe.eval.few_shot.k}shot-{recipe.eval.few_shot.select}"
+
+
+def _few_shot_on_test(recipe: Recipe, model, tokenizer, tag: str, records: list[dict] | None = None) -> dict | None:
+    """The model with `eval.few_shot`'s demonstrations (from the run's training split) in each test prompt."""
+    data_dir = recipe.run_dir / "data"
+    if records is None:
+        records = load_split(data_dir, "test")[: recipe.eval.max_samples]
+    if not records:
+        return None
+    name = few_shot_tag(recipe, tag)
+    result = evaluate_few_shot(recipe, model, tokenizer, records, load_split(data_dir, "train"), progress=f"eval {name}")
+    write_eval(result, recipe.run_dir / "eval" / f"{name}.json")
+    return result
+
+
 def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
              adapter: str | Path | None = None, tag: str | None = None, test_file: str | Path | None = None) -> dict:
     """Score a model (base by default, or a directory, optionally with an adapter) on the test split.
 
-    With `test_file`, on that file alone: no dataset is built, the file gets the data stage's checks (each drop
-    counted), and the result and a report go to runs/<name>/eval/<tag>.json and runs/<name>/eval/<tag>/.
+    With `test_file`, on that file alone: the file gets the data stage's checks (each drop counted), and the
+    result and a report go to runs/<name>/eval/<tag>.json and runs/<name>/eval/<tag>/.
+
+    With `eval.few_shot` set, the model answers with k demonstrations from the run's training split in each prompt
+    (the dataset is built first if need be), and the tag gets `-<k>shot-<select>`.
     """
     recipe = _recipe(recipe, overrides)
-    check_recipe(recipe, data=test_file is None, model=model)
+    few_shot = recipe.eval.few_shot is not None
+    check_recipe(recipe, data=test_file is None or few_shot, model=model)
     tag = tag or ("adapter" if adapter else "model" if model else "base")
-    if test_file is None:
-        if not (recipe.run_dir / "data" / "test.jsonl").is_file():
+    if test_file is None or few_shot:
+        if not (recipe.run_dir / "data" / "train.jsonl").is_file():
             build_dataset(recipe)
+    if test_file is None:
         recipe = with_data_defaults(recipe)
         loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
-        result = _eval_on_test(recipe, loaded, tokenizer, tag)
+        result = (_few_shot_on_test if few_shot else _eval_on_test)(recipe, loaded, tokenizer, tag)
         if result is None:
             raise InputError(f"{recipe.run_dir / 'data'}: no test split to evaluate on")
         return result
@@ -118,7 +142,12 @@ def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | Non
     choice = recipe_choice(recipe, reference_answers(records),
                            lambda texts: [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]])
     recipe = apply_choice(recipe, choice)
-    result = evaluate_tiers(recipe, loaded, tokenizer, records, progress=f"eval {tag}")
+    if few_shot:
+        tag = few_shot_tag(recipe, tag)
+        result = evaluate_few_shot(recipe, loaded, tokenizer, records, load_split(recipe.run_dir / "data", "train"),
+                                   progress=f"eval {tag}")
+    else:
+        result = evaluate_tiers(recipe, loaded, tokenizer, records, progress=f"eval {tag}")
     result["data"] = {"test_file": str(test_file), "quality": quality}
     if choice:
         result["metric_choice"] = choice
@@ -190,6 +219,11 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     print("dstune: [2/7] evaluating the base model", flush=True)
     base_model, tokenizer = load(recipe)
     base = _eval_on_test(recipe, base_model, tokenizer, "base")
+    few_shot = None
+    if recipe.eval.few_shot:
+        print(f"dstune:       and with {few_shot_label(recipe.eval.few_shot)} demonstrations from the training split",
+              flush=True)
+        few_shot = _few_shot_on_test(recipe, base_model, tokenizer, "base")
     del base_model
 
     print(f"dstune: [3/7] fine-tuning with {recipe.train.method}", flush=True)
@@ -224,7 +258,9 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     artifacts = {"data": str(data_dir), "adapter": str(trained.adapter_dir), "merged": str(merged_dir) if merged_dir else None,
                  "tensorboard": str(run_dir / "tb"), **{f"export {r['format']}:{r['quant']}": r["artifact"] for r in exports}}
     comparison = compare(base, tuned, recipe) if base and tuned else {}
-    report = build_report(recipe, base, tuned, trained.summary, artifacts, comparison, exports)
+    if few_shot and tuned:
+        comparison["few_shot_paired"] = paired_comparison(few_shot, tuned, recipe)
+    report = build_report(recipe, base, tuned, trained.summary, artifacts, comparison, exports, few_shot)
     report["metric_choice"] = choice if choice and choice["applied"] else None
     report_path = write_report(report, run_dir)
     print("\n" + metrics_table(report) + "\n", flush=True)
@@ -241,6 +277,33 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
     if failed:
         raise GateError(f"{failed}; report: {report_path}")
     return report
+
+
+def curve(recipe, overrides: list[str] | None = None, sizes: str | None = None, methods: str = "lora,prefix,ia3",
+          per: str = "auto", shots: str = "random,similar", k: int | None = None, min_steps: int = 30) -> dict:
+    """The data-efficiency curve (dstune.curve): each method at each size, against k-shot prompting and 1-NN.
+
+    Returns the curve report, with `table` (markdown) and `path` (curve.md) added. Every argument is checked
+    before anything runs.
+    """
+    from .curve import SHOT_SELECTIONS, curve_table, parse_methods, parse_sizes, run_curve, stratum_of
+
+    recipe = _recipe(recipe, overrides)
+    _, per_stratum = stratum_of(recipe, per)
+    size_list = parse_sizes(sizes or ("1,2,4,all" if per_stratum else "8,32,128,all"))
+    method_list = parse_methods(methods)
+    chosen = [] if shots.strip() == "none" else SHOT_SELECTIONS if shots.strip() == "both" else \
+        [s.strip() for s in shots.split(",") if s.strip()]
+    for select in chosen:
+        if select not in SHOT_SELECTIONS:
+            raise InputError(f"--shots: {select!r} is not one of random, similar, both, none")
+    if k is not None and k < 1:
+        raise InputError(f"--k: {k} demonstrations; give 1 or more")
+    if min_steps < 0:
+        raise InputError(f"--min-steps: {min_steps}; give 0 or more")
+    check_recipe(recipe)
+    report = run_curve(recipe, size_list, method_list, per, tuple(chosen), min_steps, k)
+    return {**report, "table": curve_table(report), "path": str(recipe.run_dir / "curve" / "curve.md")}
 
 
 def merged_reference(recipe: Recipe, merged_dir: Path) -> dict:

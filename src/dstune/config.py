@@ -161,6 +161,9 @@ class TrainConfig(StrictModel):
     lr_fraction: float = 0.1
     epochs: float = 3.0
     max_steps: int = -1
+    # At least this many optimizer steps, however few the examples (more epochs over a small set), and no early
+    # stop before it; 0: off. `dstune curve` sets it for its small sizes (docs/few_shot.md).
+    min_steps: int = Field(0, ge=0)
     batch_size: int = 16
     grad_accum: int = 1
     warmup_ratio: float = 0.05
@@ -279,6 +282,15 @@ class GeneralEvalConfig(StrictModel):
     on_fail: Literal["error", "warn"] = "error"
 
 
+class FewShotConfig(StrictModel):
+    """The k-shot in-context baseline (dstune.evaluate.fewshot): k training examples as earlier chat turns."""
+
+    k: int = Field(5, ge=1)
+    # random: k drawn per question (seeded by seed and its id); similar: the k nearest by TF-IDF of the question.
+    select: Literal["random", "similar"] = "random"
+    seed: int = 0
+
+
 class EvalConfig(StrictModel):
     """Generation-based evaluation of a model on the test split, in three tiers."""
 
@@ -293,6 +305,9 @@ class EvalConfig(StrictModel):
     general: GeneralEvalConfig = GeneralEvalConfig()
     # Tier 3, business checks: [{kind: json_schema|required_fields|regex|verifier, ...options}].
     checks: list[dict] = []
+    # The k-shot baseline: `dstune run` scores the base model with k demonstrations from the training split as
+    # well, a row of the report next to zero-shot base and tuned; `dstune eval` scores its model that way.
+    few_shot: FewShotConfig | None = None
 
 
 class ExportConfig(StrictModel):

@@ -34,6 +34,7 @@ SMOKES = {
     "data_checks": ([], False, {"benchmark", "mode", "machine", "settings", "checks", "dedup_repetitions",
                                 "dedup_medians"}),
     "dropout_mask": ([], False, {"benchmark", "mode", "machine", "median_ms", "speedup", "floor_ms"}),
+    "few_shot": ([], True, {"benchmark", "mode", "machine", "settings", "curve", "goals"}),
 }
 TESTED_ELSEWHERE = {"gpu_train": ROOT / "tests" / "train" / "test_gpu_bench_script.py"}
 
@@ -100,6 +101,21 @@ def check_train_speed(result: dict) -> None:
         assert set(ratios["new_over_old"]) == {"supervised_tokens_per_second", "peak_rss_mb", "dev_loss"}
 
 
+def check_few_shot(result: dict) -> None:
+    curve = result["curve"]
+    tuned = [r for r in curve["rows"] if r["kind"] == "fine-tuned"]
+    # one row per method and size, each trained on exactly `size` source records (the books balance)
+    assert sorted((r["system"], r["size"]) for r in tuned) == sorted((m, s) for m in ("lora", "prefix", "ia3")
+                                                                      for s in (2, 4))
+    assert all(r["books"]["source_records"] == r["size"] == r["books"]["expected"] for r in tuned)
+    assert all(r["optimizer_steps"] >= 2 for r in tuned)
+    shots = [r for r in curve["rows"] if r["kind"] == "in-context"]
+    assert sorted((r["system"], r["size"]) for r in shots) == [("2-shot random", 2), ("2-shot random", 4),
+                                                               ("2-shot similar", 2), ("2-shot similar", 4)]
+    assert all(r["pool"]["kept"] == r["size"] for r in shots)  # demonstrations come from that size's records
+    assert {"crossover_found", "lora_at_most_4_per_category_beats_in_context_and_1nn"} <= set(result["goals"])
+
+
 def check_methods(result: dict) -> None:
     rows = {r["method"]: r for r in result["runs"]}
     assert set(rows) == {"lora", "dora", "prefix", "bottleneck", "ia3"}
@@ -123,4 +139,4 @@ def check_data_checks(result: dict) -> None:
 
 
 CHECKS = {"train_speed": check_train_speed, "methods": check_methods, "qat": check_qat, "decode": check_decode,
-          "data_checks": check_data_checks}
+          "data_checks": check_data_checks, "few_shot": check_few_shot}

@@ -20,6 +20,8 @@ EPILOG = """examples:
   dstune run runs/icd10_lora/report.json name=icd10_lora_again   # the recipe a report recorded
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter
   dstune eval recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --test-file new_cases.jsonl
+  dstune eval recipes/icd10_lora.yaml eval.few_shot.k=5 eval.few_shot.select=similar   # the base, 5-shot
+  dstune curve recipes/icd10_lora.yaml --sizes 1,2,4,all --methods lora,prefix,ia3
   dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
 """
@@ -107,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--prompt", help="answer this prompt and exit (otherwise read prompts from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    p = sub.add_parser("curve", help="data efficiency: train at several sizes, against k-shot prompting",
+                       description="Train the recipe with each method at each training-set size (source records, "
+                                   "per stratum where data.stratify names strata), score each on the same test "
+                                   "split, beside the base model prompted with k demonstrations from the same "
+                                   "records (random and similar) and a TF-IDF 1-nearest-neighbour classifier. "
+                                   "Reports where fine-tuning overtakes prompting: runs/<name>/curve/curve.{json,md,"
+                                   "html}. See docs/few_shot.md.")
+    _add_recipe(p)
+    p.add_argument("--sizes", help="comma-separated sizes, `all` for every record (default: 1,2,4,all per stratum, "
+                                   "8,32,128,all in total)")
+    p.add_argument("--methods", default="lora,prefix,ia3",
+                   help="comma-separated PEFT methods to train at each size (default lora,prefix,ia3)")
+    p.add_argument("--per", choices=["auto", "stratum", "total"], default="auto",
+                   help="count sizes per stratum (data.stratify) or in total; auto: per stratum when the recipe "
+                        "has strata")
+    p.add_argument("--shots", default="random,similar",
+                   help="in-context baselines: random, similar, both (default), or none")
+    p.add_argument("--k", type=int, help="demonstrations per prompt (default eval.few_shot.k, else 5)")
+    p.add_argument("--min-steps", type=int, default=30,
+                   help="train at least this many optimizer steps at every size (default 30)")
     p = sub.add_parser("convert-weights", help="rewrite pickle weights (.bin) as safetensors",
                        description="Load adapter_model.bin / pytorch_model*.bin (in a folder) or one weight file "
                                    "with torch's weights_only unpickler and write .safetensors next to it.")
@@ -219,6 +241,11 @@ def dispatch(args) -> int:
             books = result["data"]["quality"]["splits"]["test"]
             print(f"dstune: {books['kept']} of {books['input']} records scored (dropped: {books['dropped'] or 'none'});"
                   f" report: {result['report']}")
+    elif args.command == "curve":
+        report = api.curve(recipe, sizes=args.sizes, methods=args.methods, per=args.per, shots=args.shots, k=args.k,
+                           min_steps=args.min_steps)
+        print("\n" + report["table"] + "\n")
+        print(f"dstune: curve written to {report['path']}")
     elif args.command == "merge":
         out = api.merge(recipe, adapter=args.adapter, out_dir=args.out)
         print(f"dstune: merged model saved to {out}")

@@ -22,6 +22,15 @@ def record_tasks(records: list[dict]) -> list[str]:
     return tasks
 
 
+def prompt_tokens(tokenizer, template: ChatTemplate, records: list[dict]) -> float:
+    """The mean length in tokens of the prompts the model reads for these chat records."""
+    texts = [template.prompt_text(r["messages"][:-1]) for r in records if "messages" in r]
+    if not texts:
+        return 0.0
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return round(sum(lengths) / len(lengths), 1)
+
+
 def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dict], metrics: list[str],
                      batch_size: int = 32, max_new_tokens: int = 16, progress: str | None = None,
                      cache=None) -> dict:
@@ -39,6 +48,10 @@ def evaluate_records(model, tokenizer, template: ChatTemplate, records: list[dic
         "seconds": round(result.seconds, 3),
         "cached": result.cached,
         "tokens_per_second": round(result.new_tokens / max(result.seconds, 1e-9), 2),
+        # What each request costs: the prompt the model reads, and the time to answer (answers not from the cache).
+        "prompt_tokens_mean": prompt_tokens(tokenizer, template, records),
+        "seconds_per_answer": (round(result.seconds / (len(records) - result.cached), 4)
+                               if len(records) > result.cached else None),
         "predictions": [
             {"id": r["id"], "input": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
              "expected": ref, "got": got} for r, ref, got in zip(records, references, result.texts)

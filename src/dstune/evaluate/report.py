@@ -37,8 +37,13 @@ def _tiers(result: dict | None) -> dict | None:
 
 
 def build_report(recipe, base: dict | None, tuned: dict | None, train_summary: dict | None,
-                 artifacts: dict, comparison: dict | None = None, exports: list[dict] | None = None) -> dict:
-    """Base vs tuned on the three tiers, training cost, exports, artifact paths and provenance (dstune.report/3)."""
+                 artifacts: dict, comparison: dict | None = None, exports: list[dict] | None = None,
+                 few_shot: dict | None = None) -> dict:
+    """Base vs tuned on the three tiers, training cost, exports, artifact paths and provenance (dstune.report/3).
+
+    `few_shot`: the base model's k-shot result (evaluate.tiers.evaluate_few_shot), a row beside zero-shot base and
+    tuned; `comparison["few_shot_paired"]` then holds tuned against it.
+    """
     comparison = comparison or {}
     metrics = sorted(set((base or {}).get("metrics", {})) | set((tuned or {}).get("metrics", {})))
     rows = {}
@@ -78,12 +83,50 @@ def build_report(recipe, base: dict | None, tuned: dict | None, train_summary: d
         "eval_tokens_per_second": {
             "base": (base or {}).get("tokens_per_second"), "tuned": (tuned or {}).get("tokens_per_second"),
         },
+        "few_shot": few_shot_section(base, few_shot, tuned, comparison.get("few_shot_paired")),
         # One record per export (dstune.export.artifacts.export_and_score): size, retention, the gate's verdict.
         "exports": exports or [],
         "artifacts": artifacts,
         # The resolved recipe, versions and commit: `dstune run report.json` repeats this run.
         "provenance": provenance(recipe),
     }
+
+
+def few_shot_section(base: dict | None, few_shot: dict | None, tuned: dict | None, paired: dict | None) -> dict | None:
+    """The k-shot baseline beside zero-shot base and tuned: scores with CIs, tuned vs k-shot, and what a request costs."""
+    if not few_shot:
+        return None
+    sides = {"base": base, "few_shot": few_shot, "tuned": tuned}
+    return {
+        **{k: v for k, v in few_shot["few_shot"].items() if k != "demonstrations"},
+        "metrics": {name: {"value": value, "ci": _ci(few_shot.get("ci", {}).get(name))}
+                    for name, value in few_shot["metrics"].items()},
+        "paired": paired,  # b = tuned, a = the k-shot base
+        "prompt_tokens_mean": {side: (r or {}).get("prompt_tokens_mean") for side, r in sides.items()},
+        "seconds_per_answer": {side: (r or {}).get("seconds_per_answer") for side, r in sides.items()},
+    }
+
+
+def few_shot_table(report: dict) -> str:
+    """Markdown: zero-shot base, k-shot base and tuned on each domain metric, and the cost of a request."""
+    section = report["few_shot"]
+    name = section["label"]
+    lines = [f"| in-context baseline | base 0-shot | base {name} | tuned | tuned vs {name} |", "|---|---|---|---|---|"]
+    for metric, row in report["metrics"].items():
+        shot = section["metrics"].get(metric) or {}
+        paired = (section.get("paired") or {}).get(metric)
+        verdict = "-" if not paired else (f"{paired['diff']:+.4f}, {'significant' if paired['significant'] else 'not significant'} "
+                                          f"(p={paired['p_value']:.3f})")
+        lines.append(f"| {metric} | {_with_ci(row['base'], row.get('base_ci'))} | {_with_ci(shot.get('value'), shot.get('ci'))} | "
+                     f"{_with_ci(row['tuned'], row.get('tuned_ci'))} | {verdict} |")
+    tokens, seconds = section["prompt_tokens_mean"], section["seconds_per_answer"]
+    lines.append(f"| prompt tokens (mean) | {_fmt(tokens['base'])} | {_fmt(tokens['few_shot'])} | {_fmt(tokens['tuned'])} | - |")
+    lines.append(f"| seconds per answer | {_fmt(seconds['base'])} | {_fmt(seconds['few_shot'])} | {_fmt(seconds['tuned'])} | - |")
+    pool = section["pool"]
+    lines += ["", f"{name}: {section['k']} demonstrations per question from the {pool['kept']} source records of the "
+                  f"training split (seed {section['seed']}; left out: {pool['dropped'] or 'none'}). Seconds per answer "
+                  "count freshly generated answers only (`-`: all came from the generation cache)."]
+    return "\n".join(lines)
 
 
 def _errors(result: dict | None, limit: int = 20) -> list[dict]:
@@ -120,6 +163,8 @@ def metrics_table(report: dict) -> str:
                                           f"(p={paired['p_value']:.3f})")
         lines.append(f"| {name} | {_with_ci(row['base'], row.get('base_ci'))} | "
                      f"{_with_ci(row['tuned'], row.get('tuned_ci'))} | {_fmt(row['delta'])} | {verdict} |")
+    if report.get("few_shot"):
+        lines += ["", few_shot_table(report)]
     general = report.get("general") or {}
     if general.get("base") or general.get("tuned"):
         b, t, r = general.get("base") or {}, general.get("tuned") or {}, general.get("retention") or {}
@@ -252,14 +297,22 @@ def report_pngs(report: dict) -> dict[str, bytes]:
     if rows:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = list(rows)
-        for k, (side, colour) in enumerate((("base", "tab:gray"), ("tuned", "tab:blue"))):
-            values = [rows[n][side] or 0.0 for n in names]
-            cis = [rows[n].get(f"{side}_ci") or [v, v] for n, v in zip(names, values)]
+        sides = [("base", "tab:gray", [rows[n]["base"] for n in names], [rows[n].get("base_ci") for n in names])]
+        shot = report.get("few_shot")
+        if shot:
+            sides.append((f"base {shot['label']}", "tab:orange", [shot["metrics"].get(n, {}).get("value") for n in names],
+                          [shot["metrics"].get(n, {}).get("ci") for n in names]))
+        sides.append(("tuned", "tab:blue", [rows[n]["tuned"] for n in names], [rows[n].get("tuned_ci") for n in names]))
+        width = 0.8 / len(sides)
+        for k, (side, colour, values, cis) in enumerate(sides):
+            values = [v or 0.0 for v in values]
+            cis = [c or [v, v] for c, v in zip(cis, values)]
             errors = [[v - c[0] for v, c in zip(values, cis)], [c[1] - v for v, c in zip(values, cis)]]
-            ax.bar([i + 0.4 * k for i in range(len(names))], values, width=0.4, yerr=errors, capsize=4,
+            ax.bar([i + width * k for i in range(len(names))], values, width=width, yerr=errors, capsize=4,
                    color=colour, label=side)
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
-        ax.set(ylim=(0, 1.05), ylabel="score (95% CI)", title="Domain metrics, base vs tuned")
+        ax.set_xticks([i + width * (len(sides) - 1) / 2 for i in range(len(names))], names)
+        ax.set(ylim=(0, 1.05), ylabel="score (95% CI)",
+               title="Domain metrics, base vs tuned" + (" (and k-shot)" if shot else ""))
         ax.legend()
         pngs["metrics"] = figure_png(fig)
     retention = (report.get("general") or {}).get("retention")

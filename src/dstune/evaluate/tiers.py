@@ -11,6 +11,8 @@ from ..data.templates import get_template
 from ..errors import phase
 from .cache import default_cache
 from .checks import build_checks, run_checks
+from .fewshot import demonstration_pool, few_shot_records
+from .fewshot import label as few_shot_label
 from .general import general_eval, retention
 from .harness import evaluate_records
 from .metrics import METRICS
@@ -40,17 +42,44 @@ def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str 
     return result
 
 
+@phase("evaluating with k-shot prompts")
+def evaluate_few_shot(recipe, model, tokenizer, records: list[dict], train_records: list[dict],
+                      progress: str | None = None) -> dict:
+    """Tier 2 and tier 3 of one model with `eval.few_shot`'s k demonstrations from `train_records` in each prompt.
+
+    Tier 1 is left out: demonstrations of the domain say nothing of the model's general ability.
+    """
+    options, quality = recipe.eval.few_shot, recipe.data.quality
+    records = [r for r in records if "messages" in r]
+    pool = demonstration_pool(train_records, records, quality.leakage, quality.near_threshold)
+    shots, shown = few_shot_records(pool, records, options.k, options.select, options.seed)
+    general_off = recipe.eval.general.model_copy(update={"enabled": False})
+    scoring = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"general": general_off})})
+    result = evaluate_tiers(scoring, model, tokenizer, shots, progress)
+    result["few_shot"] = {"label": few_shot_label(options), **options.model_dump(), "pool": pool.books(),
+                          "demonstrations": shown}
+    return result
+
+
+def paired_comparison(a: dict, b: dict, recipe) -> dict | None:
+    """b against a per domain metric, by a paired bootstrap, when both answered the same records in order."""
+    options = recipe.eval
+    if [p["id"] for p in a["predictions"]] != [p["id"] for p in b["predictions"]] or not options.bootstrap_samples:
+        return None
+    answers_a = [p["got"] for p in a["predictions"]]
+    answers_b = [p["got"] for p in b["predictions"]]
+    references = [p["expected"] for p in a["predictions"]]
+    return {name: paired_bootstrap(METRICS[name], answers_a, answers_b, references, options.bootstrap_samples)
+            for name in options.metrics}
+
+
 def compare(base: dict, tuned: dict, recipe) -> dict:
     """Tuned vs base: a paired bootstrap per domain metric, completion rates, and general retention with the gate."""
     options = recipe.eval
     out: dict = {}
-    same = [p["id"] for p in base["predictions"]] == [p["id"] for p in tuned["predictions"]]
-    if same and options.bootstrap_samples:
-        a = [p["got"] for p in base["predictions"]]
-        b = [p["got"] for p in tuned["predictions"]]
-        references = [p["expected"] for p in base["predictions"]]
-        out["paired"] = {name: paired_bootstrap(METRICS[name], a, b, references, options.bootstrap_samples)
-                         for name in options.metrics}
+    paired = paired_comparison(base, tuned, recipe)
+    if paired:
+        out["paired"] = paired
     if "checks" in base and "checks" in tuned:
         out["completion_rate"] = {"base": base["checks"]["completion_rate"],
                                   "tuned": tuned["checks"]["completion_rate"]}

@@ -342,8 +342,9 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         max_steps = cfg.max_steps
         epochs = max_steps // steps_per_epoch + int(max_steps % steps_per_epoch > 0)
     else:
-        max_steps = math.ceil(cfg.epochs * steps_per_epoch)
-        epochs = math.ceil(cfg.epochs)
+        # train.min_steps: a small set gets more epochs rather than a handful of steps.
+        max_steps = max(math.ceil(cfg.epochs * steps_per_epoch), cfg.min_steps)
+        epochs = math.ceil(max_steps / steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, max_steps)
 
     # --- setup: checkpoints, resume, logs ---
@@ -542,7 +543,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
                         should_save = True  # the best step's weights are restored at the end: keep them
                     else:
                         state.patience_used += 1
-                        if 0 < cfg.early_stopping_patience <= state.patience_used:
+                        if 0 < cfg.early_stopping_patience <= state.patience_used and step >= cfg.min_steps:
                             stop = True
                     entry = {"step": step, "epoch": round(state.epoch, 4),
                              **{f"eval_{k}": v for k, v in metrics.items()}, "eval_runtime": round(seconds, 3)}
@@ -592,6 +593,9 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "learning_rate": cfg.resolved_learning_rate(),
         "learning_rate_from": cfg.learning_rate_source()[1],
         "optimizer_steps": state.global_step,
+        "max_steps": max_steps,
+        "max_steps_from": ("train.max_steps" if cfg.max_steps > 0 else "train.min_steps"
+                           if cfg.min_steps > math.ceil(cfg.epochs * steps_per_epoch) else "train.epochs"),
         "epochs": round(state.epoch, 3),
         "world_size": world,
         "train_seconds": round(seconds, 2),
