@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="--smoke: a tiny model folder built already (default: build one)")
     parser.add_argument("--sizes", help="default 1,2,4,all per category (--smoke: 2,4 in total)")
     parser.add_argument("--methods", default="lora,prefix,ia3")
+    parser.add_argument("--min-steps", type=int, help="train.min_steps of every run (default 30; --smoke: 2)")
+    parser.add_argument("--shots", default="random,similar", help="in-context baselines: random,similar or none")
     parser.add_argument("--out", help="results file (default bench/results/few_shot.json)")
     args = parser.parse_args(argv)
 
@@ -73,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     methods = parse_methods(args.methods)
     k = 2 if args.smoke else 5
     start = time.perf_counter()
-    report = run_curve(recipe, sizes, methods, per="total" if args.smoke else "stratum", min_steps=2 if args.smoke else 30,
-                       k=k)
+    shots = () if args.shots == "none" else tuple(s for s in args.shots.split(",") if s)
+    min_steps = args.min_steps if args.min_steps is not None else 2 if args.smoke else 30
+    report = run_curve(recipe, sizes, methods, per="total" if args.smoke else "stratum", shots=shots,
+                       min_steps=min_steps, k=k)
     result = {"benchmark": "few_shot", "mode": "smoke" if args.smoke else "full", "machine": machine(),
               "settings": {"recipe": str(RECIPE.relative_to(ROOT)), "overrides": overrides[2:] if not args.smoke else "smoke",
                            "sizes": sizes, "methods": methods, "k": k, "per_stratum": report["per_stratum"],

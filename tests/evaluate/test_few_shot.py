@@ -59,7 +59,7 @@ def test_the_pool_never_holds_an_evaluated_record_and_counts_what_it_leaves_out(
     pool = demonstration_pool(TRAIN + [leaked, near, same_id, augmented, replay], TEST, "near", 0.8)
     ids = {r["id"] for r in pool.records}
     assert ids == {r["id"] for r in TRAIN}
-    assert pool.books() == {"source_records": 23, "kept": 20,
+    assert pool.books() == {"source_records": 23, "not_source": 2, "kept": 20,
                             "dropped": {"same_id_as_eval": 1, "leakage_exact": 1, "leakage_near": 1}}
     # leakage "none" in the recipe still never shows an evaluated record: exact copies go
     assert "t-copy" not in {r["id"] for r in demonstration_pool(TRAIN + [leaked], TEST, "none").records}

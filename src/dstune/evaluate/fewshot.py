@@ -47,15 +47,19 @@ class Pool:
     records: list[dict]
     source_records: int
     dropped: dict[str, int] = field(default_factory=dict)
+    # Training records that are not source records (augmented copies, replay): never demonstrations.
+    not_source: int = 0
 
     def books(self) -> dict:
-        return {"source_records": self.source_records, "kept": len(self.records), "dropped": dict(self.dropped)}
+        return {"source_records": self.source_records, "not_source": self.not_source, "kept": len(self.records),
+                "dropped": dict(self.dropped)}
 
 
 def demonstration_pool(train_records: list[dict], eval_records: list[dict], leakage: str = "near",
                        threshold: float = 0.8) -> Pool:
     """Source chat records of the training split that are not (near-)copies of an evaluated record."""
-    source = [r for r in train_records if "messages" in r and is_source_record(r)]
+    chat = [r for r in train_records if "messages" in r]
+    source = [r for r in chat if is_source_record(r)]
     dropped: dict[str, int] = {}
     eval_ids = {str(r["id"]) for r in eval_records}
     kept = []
@@ -77,7 +81,7 @@ def demonstration_pool(train_records: list[dict], eval_records: list[dict], leak
                 reason = f"leakage_{hit[0]}"
                 dropped[reason] = dropped.get(reason, 0) + 1
         kept = survivors
-    return Pool(kept, len(source), dropped)
+    return Pool(kept, len(source), dropped, len(chat) - len(source))
 
 
 def random_demonstrations(pool_size: int, query_ids: list[str], k: int, seed: int) -> list[list[int]]:

@@ -124,7 +124,8 @@ def few_shot_table(report: dict) -> str:
     lines.append(f"| seconds per answer | {_fmt(seconds['base'])} | {_fmt(seconds['few_shot'])} | {_fmt(seconds['tuned'])} | - |")
     pool = section["pool"]
     lines += ["", f"{name}: {section['k']} demonstrations per question from the {pool['kept']} source records of the "
-                  f"training split (seed {section['seed']}; left out: {pool['dropped'] or 'none'}). Seconds per answer "
+                  f"training split (seed {section['seed']}; left out: {pool['dropped'] or 'none'}; augmented copies and "
+                  f"replay, never demonstrations: {pool.get('not_source', 0)}). Seconds per answer "
                   "count freshly generated answers only (`-`: all came from the generation cache)."]
     return "\n".join(lines)
 
