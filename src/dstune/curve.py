@@ -30,10 +30,11 @@ from .data.build import build_dataset, load_split, with_data_defaults
 from .data.stratify import field_key, term_key
 from .errors import InputError, phase
 from .evaluate.fewshot import demonstration_pool, is_source_record, nearest_neighbour_answers
+from .evaluate.fewshot import label as few_shot_label
 from .evaluate.harness import write_eval
 from .evaluate.metrics import METRICS
 from .evaluate.stats import bootstrap_ci, paired_bootstrap
-from .evaluate.tiers import evaluate_few_shot, evaluate_tiers
+from .evaluate.tiers import evaluate_few_shot, evaluate_tiers, without_general
 from .plugins import METHODS, unknown_choice
 
 DEFAULT_METHODS = ("lora", "prefix", "ia3")
@@ -147,7 +148,7 @@ def method_recipe(recipe: Recipe, method: str, size: int | None, folder: Path, m
     return load_recipe(raw)
 
 
-def scored_row(result: dict, metrics: list[str], samples: int) -> dict:
+def scored_row(result: dict, samples: int) -> dict:
     """Scores with CIs and what each answer costs, from an evaluation result."""
     return {"metrics": result["metrics"], "ci": {k: [v["low"], v["high"]] for k, v in result.get("ci", {}).items()},
             "prompt_tokens_mean": result.get("prompt_tokens_mean"),
@@ -188,9 +189,9 @@ def run_curve(recipe: Recipe, sizes: list[int | None], methods: list[str], per: 
 
     base_model, tokenizer = load(recipe)
     print("dstune curve: zero-shot base", flush=True)
-    zero = evaluate_tiers(_no_general(recipe), base_model, tokenizer, test, progress="eval base")
+    zero = evaluate_tiers(without_general(recipe), base_model, tokenizer, test, progress="eval base")
     write_eval(zero, folder / "base.json")
-    rows = [{"system": "base 0-shot", "kind": "base", "size": None, **scored_row(zero, options.metrics, len(test))}]
+    rows = [{"system": "base 0-shot", "kind": "base", "size": None, **scored_row(zero, len(test))}]
     texts_of = {"base 0-shot": answers(zero)}
     for size in sizes:
         chosen = cut[size]["records"]
@@ -209,15 +210,15 @@ def run_curve(recipe: Recipe, sizes: list[int | None], methods: list[str], per: 
                 print(f"dstune curve: {k}-shot {select} @{size_name(size)} skipped: the pool has "
                       f"{len(pool.records)} records", flush=True)
                 continue
-            shot_recipe = recipe.model_copy(update={"eval": options.model_copy(
-                update={"few_shot": FewShotConfig(k=k, select=select, seed=few.seed)})})
-            label = f"{k}-shot {select}"
+            shot = FewShotConfig(k=k, select=select, seed=few.seed)
+            shot_recipe = recipe.model_copy(update={"eval": options.model_copy(update={"few_shot": shot})})
+            label = few_shot_label(shot)
             print(f"dstune curve: base {label} @{size_name(size)}", flush=True)
             result = evaluate_few_shot(shot_recipe, base_model, tokenizer, test, chosen,
                                        progress=f"eval {label} @{size_name(size)}")
             write_eval(result, folder / f"base-{k}shot-{select}-{size_name(size)}.json")
             rows.append({"system": label, "kind": "in-context", "size": size,
-                         **scored_row(result, options.metrics, len(test)), "books": cut[size]["books"],
+                         **scored_row(result, len(test)), "books": cut[size]["books"],
                          "pool": result["few_shot"]["pool"]})
             texts_of[f"{label} @{size_name(size)}"] = answers(result)
     del base_model
@@ -238,7 +239,7 @@ def run_curve(recipe: Recipe, sizes: list[int | None], methods: list[str], per: 
             write_eval(result, run_recipe.run_dir / "eval" / "tuned.json")
             summary = trained.summary
             rows.append({"system": method, "kind": "fine-tuned", "size": size,
-                         **scored_row(result, options.metrics, len(test)), "books": books,
+                         **scored_row(result, len(test)), "books": books,
                          "trainable_parameters": summary["trainable_parameters"],
                          "optimizer_steps": summary["optimizer_steps"], "max_steps_from": summary["max_steps_from"],
                          "epochs": summary["epochs"], "learning_rate": summary["learning_rate"],
@@ -253,11 +254,6 @@ def run_curve(recipe: Recipe, sizes: list[int | None], methods: list[str], per: 
               "crossover": crossover}
     write_curve_report(report, folder)
     return report
-
-
-def _no_general(recipe: Recipe) -> Recipe:
-    general = recipe.eval.general.model_copy(update={"enabled": False})
-    return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"general": general})})
 
 
 def crossovers(rows, texts_of, references, metric, metric_fn, methods, sizes, samples) -> dict:

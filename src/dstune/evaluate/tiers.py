@@ -42,6 +42,12 @@ def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str 
     return result
 
 
+def without_general(recipe):
+    """The recipe with tier 1 (general ability) turned off, for evaluations that only score the domain."""
+    general_off = recipe.eval.general.model_copy(update={"enabled": False})
+    return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"general": general_off})})
+
+
 @phase("evaluating with k-shot prompts")
 def evaluate_few_shot(recipe, model, tokenizer, records: list[dict], train_records: list[dict],
                       progress: str | None = None) -> dict:
@@ -53,9 +59,7 @@ def evaluate_few_shot(recipe, model, tokenizer, records: list[dict], train_recor
     records = [r for r in records if "messages" in r]
     pool = demonstration_pool(train_records, records, quality.leakage, quality.near_threshold)
     shots, shown = few_shot_records(pool, records, options.k, options.select, options.seed)
-    general_off = recipe.eval.general.model_copy(update={"enabled": False})
-    scoring = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"general": general_off})})
-    result = evaluate_tiers(scoring, model, tokenizer, shots, progress)
+    result = evaluate_tiers(without_general(recipe), model, tokenizer, shots, progress)
     result["few_shot"] = {"label": few_shot_label(options), **options.model_dump(), "pool": pool.books(),
                           "demonstrations": shown}
     return result
