@@ -196,6 +196,32 @@ def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | P
     return chat_session(recipe, overrides, model, adapter, max_new_tokens)(prompt)
 
 
+def serve(recipe, options, engine: str = "torch", max_lora_rank: int = 16, dry_run: bool = False) -> None:
+    """Serve the model over OpenAI's API (`dstune serve`): dstune's engine, or vLLM launched with the adapters."""
+    from .serve import check_options
+
+    recipe = _recipe(recipe)
+    check_options(options)
+    check_model(recipe, options.model)
+    if engine == "vllm":
+        from .serve.vllm import jinja_template, launch, vllm_command
+
+        template_file = (recipe.run_dir / "serve" / "chat_template.jinja").resolve()
+        # A GGUF (the embedded default too) resolves to the Hugging Face folder dstune converted it to.
+        path = resolve_model_path(str(options.model or recipe.model.name_or_path))
+        command = vllm_command(recipe, options.adapters, str(path), options.host, options.port, max_lora_rank,
+                               template_file, options.max_model_len)
+        tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
+        template_file.parent.mkdir(parents=True, exist_ok=True)
+        template_file.write_text(jinja_template(get_template(recipe.model.template, tokenizer),
+                                                recipe.data.system_prompt, tokenizer))
+        launch(command, options.api_key, dry_run)
+        return
+    from .serve import serve as serve_torch
+
+    serve_torch(recipe, options)
+
+
 def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = False) -> dict:
     """The main job: data, base eval, PEFT training, tuned eval, merge (where the method allows) and report.
 

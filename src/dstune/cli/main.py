@@ -24,6 +24,7 @@ EPILOG = """examples:
   dstune curve recipes/icd10_lora.yaml --sizes 1,2,4,all --methods lora,prefix,ia3
   dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
+  dstune serve recipes/icd10_lora.yaml --adapter icd10=runs/icd10_lora/adapter   # OpenAI API on 127.0.0.1:8000
 """
 
 
@@ -109,6 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--prompt", help="answer this prompt and exit (otherwise read prompts from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: the base model once, adapters chosen per request",
+                       description="Serve the recipe's model over OpenAI's API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics) with continuous batching. A request's `model` picks "
+                                   "the base (by its name) or an adapter (by NAME). The recipe gives the chat template "
+                                   "and the default system prompt. See docs/serve.md.",
+                       epilog="examples:\n"
+                              "  dstune serve recipes/icd10_lora.yaml --adapter icd10=runs/icd10_lora/adapter\n"
+                              "  DSTUNE_API_KEY=sk-... dstune serve recipes/icd10_lora.yaml --adapter a=A --adapter b=B\n"
+                              "  dstune serve recipes/icd10_lora.yaml --engine vllm --adapter icd10=runs/icd10_lora/adapter "
+                              "--dry-run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe(p)
+    p.add_argument("--adapter", dest="serve_adapters", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this peft adapter folder under NAME (repeatable)")
+    p.add_argument("--model", help="a model folder or .gguf file instead of the recipe's base model")
+    p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                   help="torch: dstune's own continuous batching (default); vllm: check the adapters against vLLM's "
+                        "LoRA loader and launch `vllm serve` (GPU machines)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="the key every route but /health requires (default: $DSTUNE_API_KEY, else one "
+                                     "made at start and printed)")
+    p.add_argument("--admin-key", help="the key of /admin/adapters, to load and unload adapters at run time (default: "
+                                       "$DSTUNE_ADMIN_KEY; none: admin routes are off)")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: the model path)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most (default 32)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot at most; more get 429 with Retry-After (default 64)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024,
+                   help="the largest max_tokens a request may ask, and the default (default 1024)")
+    p.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size cap (default 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take before it is cancelled with a 408 (default 300)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="--engine vllm: vLLM's --max-lora-rank (default 16)")
+    p.add_argument("--dry-run", action="store_true", help="--engine vllm: check and print the command, do not launch")
     p = sub.add_parser("curve", help="data efficiency: train at several sizes, against k-shot prompting",
                        description="Train the recipe with each method at each training-set size (source records, "
                                    "per stratum where data.stratify names strata), score each on the same test "
@@ -209,6 +246,16 @@ def dispatch(args) -> int:
 
     # A bad recipe or override fails here, in a second, before the slow imports of torch, transformers and peft.
     recipe = load_recipe_or_manifest(args.recipe, args.overrides)
+    if args.command == "serve":  # every error knowable from the command line, before the model loads
+        from ..serve import ServeOptions, check_options, env_key, parse_adapters
+
+        options = ServeOptions(
+            adapters=parse_adapters(args.serve_adapters), model=args.model, host=args.host, port=args.port,
+            api_key=env_key(args.api_key, "DSTUNE_API_KEY"), admin_key=env_key(args.admin_key, "DSTUNE_ADMIN_KEY"),
+            served_model_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+            max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes,
+            request_timeout=args.request_timeout)
+        check_options(options)
     if getattr(args, "adapter", None):  # a bad adapter folder fails before the model loads
         from ..tuners.methods import check_adapters
 
@@ -257,6 +304,8 @@ def dispatch(args) -> int:
               f"gate {record['min_retention']}: passed)")
     elif args.command == "chat":
         _chat_loop(args, recipe)
+    elif args.command == "serve":
+        api.serve(recipe, options, engine=args.engine, max_lora_rank=args.max_lora_rank, dry_run=args.dry_run)
     return 0
 
 
