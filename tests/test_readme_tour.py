@@ -46,11 +46,14 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
     small = [f"model.name_or_path={tiny_model_dirs['llama']}", "data.icd10.chapters=[\"10\"]",
              "data.icd10.max_train_per_category=2", "data.max_length=64", "train.max_steps=2",
              "train.max_dev_samples=4", "eval.max_samples=4", "eval.general.max_samples=4", "eval.batch_size=4"]
-    commands, other = [], []
+    commands, other, served = [], [], []
     for line in english:
         argv = shlex.split(line)
         if argv[0] != "dstune":
             other.append(argv)
+            continue
+        if argv[1] == "serve":  # runs until stopped: started below, asked once, then stopped
+            served.append(argv[1:] + small)
             continue
         commands.append({"argv": argv[1:] + (small if len(argv) > 2 else []), "cwd": str(tmp_path)})
     results = run_cli(commands)
@@ -73,7 +76,49 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
     assert (ROOT / ".venv" / "bin" / "dstune").is_file() or shutil.which("dstune")
     assert any((tmp_path / other[1][2]).glob("events.out.tfevents.*"))
 
+    assert len(served) == 1
+    serve_as_written(served[0], tmp_path)
+
     argv, printed = error_example(ROOT / "README.md")
     assert error_example(ROOT / "README_zh.md") == (argv, printed)
     [result] = run_cli([{"argv": argv, "cwd": str(tmp_path)}])
     assert (result.returncode, result.stderr.strip()) == (2, printed)
+
+
+def serve_as_written(argv: list[str], cwd: Path) -> None:
+    """`dstune serve ...` in a process of its own on a free port: it answers the openai client, then stops on ^C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import openai
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DSTUNE_API_KEY": "sk-tour", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "dstune", *argv, "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-tour", max_retries=0)
+        assert [m.id for m in client.models.list()][1:] == ["icd10"]
+        reply = client.chat.completions.create(model="icd10", messages=[{"role": "user", "content": "Acute bronchitis"}],
+                                               max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"http://127.0.0.1:{port}/v1 serving" in out and "Traceback" not in err

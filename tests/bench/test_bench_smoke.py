@@ -35,6 +35,8 @@ SMOKES = {
                                 "dedup_medians"}),
     "dropout_mask": ([], False, {"benchmark", "mode", "machine", "median_ms", "speedup", "floor_ms"}),
     "few_shot": ([], True, {"benchmark", "mode", "machine", "settings", "curve", "goals"}),
+    "serve": (["--concurrency", "1,4"], True, {"benchmark", "mode", "machine", "settings", "quality", "medians",
+                                              "ratios", "goals", "runs"}),
 }
 TESTED_ELSEWHERE = {"gpu_train": ROOT / "tests" / "train" / "test_gpu_bench_script.py"}
 
@@ -116,6 +118,16 @@ def check_few_shot(result: dict) -> None:
     assert {"crossover_found", "lora_at_most_4_per_category_beats_in_context_and_1nn"} <= set(result["goals"])
 
 
+def check_serve(result: dict) -> None:
+    assert set(result["medians"]) == {"generate, one at a time", "serve base @1", "serve LoRA r16 @1", "serve base @4",
+                                      "serve LoRA r16 @4"}
+    served, total = map(int, result["quality"]["served_answers_identical_to_generate"].split("/"))
+    assert served == total == result["settings"]["prompts"]  # greedy answers equal model.generate's
+    runs = [r for name, rs in result["runs"].items() if name.startswith("serve") for r in rs]
+    assert all(r["failed"] == 0 and r["tokens"] > 0 for r in runs)
+    assert result["medians"]["serve base @4"]["mean_decode_batch"] > 1  # concurrent requests decoded together
+
+
 def check_methods(result: dict) -> None:
     rows = {r["method"]: r for r in result["runs"]}
     assert set(rows) == {"lora", "dora", "prefix", "bottleneck", "ia3"}
@@ -138,5 +150,5 @@ def check_data_checks(result: dict) -> None:
     assert result["dedup_medians"]["dstune"]["records_per_s"] > 0
 
 
-CHECKS = {"train_speed": check_train_speed, "methods": check_methods, "qat": check_qat, "decode": check_decode,
+CHECKS = {"train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
           "data_checks": check_data_checks, "few_shot": check_few_shot}

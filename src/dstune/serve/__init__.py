@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,34 @@ def serve(recipe, options: ServeOptions) -> None:
         uvicorn.run(create_app(server), host=options.host, port=options.port, log_level="warning")
     finally:
         server.engine.close()
+
+
+class BackgroundServer:
+    """A built server listening on a free 127.0.0.1 port in a thread (tests and bench/serve.py); `stop()` ends it."""
+
+    def __init__(self, server):
+        import uvicorn
+
+        from .app import create_app
+
+        self.server = server
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), log_level="error", timeout_keep_alive=5))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.uvicorn.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+        self.server.engine.close()
 
 
 def env_key(given: str | None, name: str) -> str | None:
