@@ -13,7 +13,7 @@ from .evaluate.choice import apply_choice, recipe_choice, reference_answers
 from .evaluate.generate import generate
 from .evaluate.fewshot import label as few_shot_label
 from .evaluate.harness import write_eval
-from .evaluate.tiers import compare, evaluate_few_shot, evaluate_tiers, paired_comparison
+from .evaluate.tiers import check_few_shot_pool, compare, evaluate_few_shot, evaluate_tiers, paired_comparison
 from .evaluate.report import build_report, metrics_table, write_report
 from .export.artifacts import export_and_score, gate_failures, scoring_recipe, test_records
 from .export.formats import get_format
@@ -126,6 +126,9 @@ def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | Non
             build_dataset(recipe)
     if test_file is None:
         recipe = with_data_defaults(recipe)
+        if few_shot:
+            check_few_shot_pool(recipe, load_split(recipe.run_dir / "data", "test")[: recipe.eval.max_samples],
+                                load_split(recipe.run_dir / "data", "train"))
         loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
         result = (_few_shot_on_test if few_shot else _eval_on_test)(recipe, loaded, tokenizer, tag)
         if result is None:
@@ -137,6 +140,8 @@ def evaluate(recipe, overrides: list[str] | None = None, model: str | Path | Non
                          f"{quality['splits']['test']['dropped']})")
     if recipe.eval.max_samples is not None:
         records = records[: recipe.eval.max_samples]
+    if few_shot:
+        check_few_shot_pool(recipe, records, load_split(recipe.run_dir / "data", "train"))
     loaded, tokenizer = load(recipe, model, {"default": adapter} if adapter else None)
     # Metrics for what the recipe leaves unset, chosen from this file's answers.
     choice = recipe_choice(recipe, reference_answers(records),
@@ -242,6 +247,9 @@ def run(recipe, overrides: list[str] | None = None, resume: bool | str | Path = 
         print(f"dstune:       metrics chosen from the data: {', '.join(recipe.eval.metrics)}; "
               f"{choice['why']}", flush=True)
 
+    if recipe.eval.few_shot:  # a k the pool cannot give fails now, not after the base model's evaluation
+        check_few_shot_pool(recipe, load_split(data_dir, "test")[: recipe.eval.max_samples],
+                            load_split(data_dir, "train"))
     print("dstune: [2/7] evaluating the base model", flush=True)
     base_model, tokenizer = load(recipe)
     base = _eval_on_test(recipe, base_model, tokenizer, "base")

@@ -165,3 +165,16 @@ def test_curve_arguments_fail_before_anything_runs(tiny_recipe, tmp_path):
     for result, message in zip(results, messages):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "runs" / "bad_curve").exists()
+
+
+def test_a_k_larger_than_the_pool_fails_before_any_model_loads(tiny_recipe, monkeypatch, tmp_path):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the pool was checked")
+
+    monkeypatch.setattr(api, "load", no_load)
+    recipe = load_recipe(tiny_recipe(name="big_k", eval={"few_shot": {"k": 40}}))
+    test_file = tmp_path / "cases.jsonl"
+    test_file.write_text(json.dumps({"instruction": "colour of item 99", "output": "red"}) + "\n")
+    for call in (lambda: api.run(recipe), lambda: api.evaluate(recipe), lambda: api.evaluate(recipe, test_file=test_file)):
+        with pytest.raises(InputError, match="eval.few_shot.k: 40 demonstrations wanted, but the pool has 1[0-9] "):
+            call()

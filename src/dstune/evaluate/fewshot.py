@@ -104,11 +104,16 @@ def similar_demonstrations(pool_texts: list[str], query_texts: list[str], k: int
     return chosen
 
 
-def choose_demonstrations(pool: Pool, records: list[dict], k: int, select: str, seed: int) -> list[list[dict]]:
-    """The demonstrations (pool records) for each evaluated record."""
+def check_pool_size(pool: Pool, k: int) -> None:
+    """Refuse a k larger than the pool, naming the recipe key and what the pool left out."""
     if k > len(pool.records):
         raise InputError(f"eval.few_shot.k: {k} demonstrations wanted, but the pool has {len(pool.records)} "
                          f"training records ({pool.books()}); lower k")
+
+
+def choose_demonstrations(pool: Pool, records: list[dict], k: int, select: str, seed: int) -> list[list[dict]]:
+    """The demonstrations (pool records) for each evaluated record."""
+    check_pool_size(pool, k)
     if select == "random":
         picks = random_demonstrations(len(pool.records), [str(r["id"]) for r in records], k, seed)
     else:

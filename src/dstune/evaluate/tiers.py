@@ -11,7 +11,7 @@ from ..data.templates import get_template
 from ..errors import phase
 from .cache import default_cache
 from .checks import build_checks, run_checks
-from .fewshot import demonstration_pool, few_shot_records
+from .fewshot import check_pool_size, demonstration_pool, few_shot_records
 from .fewshot import label as few_shot_label
 from .general import general_eval, retention
 from .harness import evaluate_records
@@ -63,6 +63,14 @@ def evaluate_few_shot(recipe, model, tokenizer, records: list[dict], train_recor
     result["few_shot"] = {"label": few_shot_label(options), **options.model_dump(), "pool": pool.books(),
                           "demonstrations": shown}
     return result
+
+
+def check_few_shot_pool(recipe, records: list[dict], train_records: list[dict]) -> None:
+    """Before any model loads: the pool `evaluate_few_shot` will draw from holds at least k demonstrations."""
+    quality = recipe.data.quality
+    records = [r for r in records if "messages" in r]
+    check_pool_size(demonstration_pool(train_records, records, quality.leakage, quality.near_threshold),
+                    recipe.eval.few_shot.k)
 
 
 def paired_comparison(a: dict, b: dict, recipe) -> dict | None:
