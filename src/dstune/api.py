@@ -207,7 +207,8 @@ def serve(recipe, options, engine: str = "torch", max_lora_rank: int = 16, dry_r
 
     recipe = _recipe(recipe)
     check_options(options)
-    check_model(recipe, options.model)
+    if options.engine != "onnx":
+        check_model(recipe, options.model)
     if engine == "vllm":
         from .serve.vllm import jinja_template, launch, vllm_command
 

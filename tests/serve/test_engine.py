@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dstune.serve.app import ThinkSplitter
-from dstune.serve.engine import Sampling, join_caches, keep_rows, sample
+from dstune.serve.engine import Sampling, sample
+from dstune.serve.torch_backend import join_caches, keep_rows
 
 
 @pytest.fixture(scope="module")
@@ -14,9 +15,10 @@ def engine(tiny_model_dirs, adapters, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from dstune.serve.engine import Engine
+    from dstune.serve.torch_backend import TorchBackend
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
-    engine = Engine(model, tokenizer, [tokenizer.eos_token_id])
+    engine = Engine(TorchBackend(model), tokenizer, [tokenizer.eos_token_id])
     for name, path in adapters.items():
         engine.call(lambda name=name, path=path: engine.load_adapter(name, path)).result()
     yield engine
@@ -28,16 +30,16 @@ def prefill(engine, ids, adapter):
 
     ids = torch.tensor([ids])
     with torch.inference_mode():
-        out = engine._forward("mixed", [adapter], input_ids=ids, attention_mask=torch.ones_like(ids),
+        out = engine.backend.forward("mixed", [adapter], input_ids=ids, attention_mask=torch.ones_like(ids),
                               position_ids=torch.arange(ids.shape[1])[None],
-                              past_key_values=DynamicCache(config=engine.model.config), use_cache=True)
+                              past_key_values=DynamicCache(config=engine.backend.model.config), use_cache=True)
     return out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long), int(out.logits[0, -1].argmax())
 
 
 def decode(engine, cache, mask, tokens, lengths, adapters):
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     with torch.inference_mode():
-        out = engine._forward("mixed", adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=mask,
+        out = engine.backend.forward("mixed", adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=mask,
                               position_ids=torch.tensor(lengths)[:, None], past_key_values=cache, use_cache=True)
     return out.logits[:, -1], mask
 

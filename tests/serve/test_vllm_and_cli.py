@@ -72,9 +72,11 @@ def test_cli(tmp_path, serve_recipe, adapters, odd_adapters):
         ["serve", str(recipe), "--max-queue", "0"],
         ["serve", str(recipe), "--port", "70000"],
         ["serve", str(recipe), "--engine", "vllm", "--max-lora-rank", "20", "--dry-run"],
+        ["serve", str(recipe), "--engine", "onnx"],
+        ["serve", str(recipe), "--engine", "onnx", "--model", alpha],
         ["serve", "--help"],
     ])
-    dry, big, missing, twice, absent, queue, port, rank, helped = results
+    dry, big, missing, twice, absent, queue, port, rank, no_export, not_export, helped = results
     assert dry.returncode == 0, dry.stderr
     command = dry.stdout.strip().splitlines()[-1].split()
     assert command[:2] == ["vllm", "serve"] and "--enable-lora" in command
@@ -85,7 +87,9 @@ def test_cli(tmp_path, serve_recipe, adapters, odd_adapters):
     for result, needle in ((big, "rank 32 is over --max-lora-rank 16 (pass --max-lora-rank 32)"),
                            (missing, "vLLM is not installed here"), (twice, "the name 'a' is given twice"),
                            (absent, "/no/such/folder: adapter folder not found"), (queue, "--max-queue must be"),
-                           (port, "not a port number"), (rank, "--max-lora-rank 20: vLLM takes one of")):
+                           (port, "not a port number"), (rank, "--max-lora-rank 20: vLLM takes one of"),
+                           (no_export, "--engine onnx: --model names the ONNX export folder"),
+                           (not_export, "not an ONNX export folder (no genai_config.json)")):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and needle in lines[-1] and "Traceback" not in result.stderr, result.stderr
     assert helped.returncode == 0 and "--max-queue" in helped.stdout and "429" in helped.stdout

@@ -124,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--adapter", dest="serve_adapters", action="append", default=[], metavar="NAME=PATH",
                    help="serve this peft adapter folder under NAME (repeatable)")
-    p.add_argument("--model", help="a model folder or .gguf file instead of the recipe's base model")
-    p.add_argument("--engine", choices=["torch", "vllm"], default="torch",
-                   help="torch: dstune's own continuous batching (default); vllm: check the adapters against vLLM's "
-                        "LoRA loader and launch `vllm serve` (GPU machines)")
+    p.add_argument("--model", help="a model folder or .gguf file instead of the recipe's base model (--engine onnx: "
+                                   "the ONNX export folder)")
+    p.add_argument("--engine", choices=["torch", "onnx", "vllm"], default="torch",
+                   help="torch: the model with peft adapters (default); onnx: --model and each --adapter are ONNX "
+                        "exports (merged models) run by onnxruntime; both with dstune's continuous batching. vllm: "
+                        "check the adapters against vLLM's LoRA loader and launch `vllm serve` (GPU machines)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="the key every route but /health requires (default: $DSTUNE_API_KEY, else one "
@@ -254,7 +256,7 @@ def dispatch(args) -> int:
             api_key=env_key(args.api_key, "DSTUNE_API_KEY"), admin_key=env_key(args.admin_key, "DSTUNE_ADMIN_KEY"),
             served_model_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
             max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes,
-            request_timeout=args.request_timeout)
+            request_timeout=args.request_timeout, engine="torch" if args.engine == "vllm" else args.engine)
         check_options(options)
     if getattr(args, "adapter", None):  # a bad adapter folder fails before the model loads
         from ..tuners.methods import check_adapters

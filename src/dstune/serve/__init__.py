@@ -19,6 +19,7 @@ class ServeOptions:
 
     adapters: dict[str, str]
     model: str | None = None
+    engine: str = "torch"  # torch | onnx (vllm is launched by api.serve, not built here)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -59,25 +60,46 @@ def check_options(options: ServeOptions) -> None:
         raise InputError(f"--port {options.port}: not a port number")
     if options.request_timeout <= 0:
         raise InputError(f"--request-timeout must be positive (got {options.request_timeout})")
+    if options.engine == "onnx":
+        from .onnx_backend import check_export
+
+        if not options.model:
+            raise InputError("--engine onnx: --model names the ONNX export folder to serve (dstune export --format onnx "
+                             "writes runs/<name>/exports/onnx-<quant>)")
+        check_export(options.model, "--model")
+        for name, path in options.adapters.items():
+            check_export(path, f"--adapter {name}=")
+        return
     for name, path in options.adapters.items():
         check_servable(name, path)
 
 
 def build_server(recipe, options: ServeOptions):
-    """Load the model once with every adapter, start the engine; returns the `app.Server` (its `.engine` runs)."""
+    """Load the model once with every adapter (torch), or each export (onnx), start the engine; returns the
+    `app.Server` (its `.engine` runs)."""
     from ..api import load
     from ..data.templates import get_template
     from ..evaluate.generate import stop_token_ids
     from .app import Server, ServeSettings
     from .engine import Engine
     from .metrics import ServeMetrics
+    from .torch_backend import TorchBackend
 
-    model, tokenizer = load(recipe, options.model)
+    if options.engine == "onnx":
+        from ..models.loading import load_tokenizer
+        from .onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(options.model)
+        tokenizer = load_tokenizer(Path(options.model), recipe.model.trust_remote_code)
+        context = backend.base.context_length
+    else:
+        model, tokenizer = load(recipe, options.model)
+        backend = TorchBackend(model)
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
     template = get_template(recipe.model.template, tokenizer)
-    engine_model = model
     metrics = ServeMetrics()
-    engine = Engine(engine_model, tokenizer, stop_token_ids(tokenizer, template), options.max_batch,
-                    options.max_queue, metrics)
+    engine = Engine(backend, tokenizer, stop_token_ids(tokenizer, template), options.max_batch, options.max_queue,
+                    metrics)
     try:
         for name, path in options.adapters.items():
             engine.call(lambda name=name, path=path: engine.load_adapter(name, path)).result()
@@ -85,7 +107,6 @@ def build_server(recipe, options: ServeOptions):
         engine.close()
         raise
     metrics.bind(engine)
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
     if options.max_model_len:
         context = min(context, options.max_model_len)
     settings = ServeSettings(

@@ -134,7 +134,12 @@ class Server:
         return asked
 
     def chat_prompt(self, body: ChatRequest) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        """The prompt's token ids: the request's messages under the recipe's template and system prompt."""
+        return self.chat_prompt_ids([{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                                     for m in body.messages])
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        messages = list(messages)
         if self.settings.system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
         try:

@@ -1,11 +1,10 @@
 """Continuous batching for `dstune serve`: one scheduler thread decodes every running request together.
 
 A request is prefilled alone as soon as a slot is free, and its KV cache joins the running batch at the next decode
-step (left-padded to the batch's length, with the padding masked and positions kept per row). A finished or
-cancelled request leaves the batch at once; columns that only padding uses are trimmed. Requests for different
-LoRA adapters share one batch through peft's mixed-batch `adapter_names`; adapters peft cannot mix (DoRA, IA3,
-...) get one batch each. transformers' own continuous batching packs every request into one paged sequence, where
-a per-row adapter has no row to attach to, so it cannot serve several adapters at once.
+step; a finished or cancelled request leaves the batch at once. How a cache joins, shrinks and decodes is the
+backend's: `torch_backend` (transformers' DynamicCache, left-padded, with peft adapters) and `onnx_backend`
+(dstune's onnxruntime-genai exports run by onnxruntime, right-padded as their GroupQueryAttention expects). The
+scheduler, sampling, stops and streaming are shared.
 """
 
 from __future__ import annotations
@@ -86,44 +85,13 @@ class _Row:
 
 
 class _Batch:
-    """Rows decoding together: one KV cache, one attention mask over its columns, one adapter regime."""
+    """Rows decoding together: one backend state (their KV cache), one adapter regime (the backend's key)."""
 
     def __init__(self, key: str | None):
         self.key = key
         self.rows: list[_Row] = []
-        self.cache = None
-        self.mask: torch.Tensor | None = None  # [rows, columns]: 1 where a row has a real token
+        self.state = None
         self.next_ids: list[int] = []
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    return torch.cat([t.new_zeros(*t.shape[:-2], n, t.shape[-1]), t], dim=-2)
-
-
-def join_caches(cache, mask: torch.Tensor, other, other_mask: torch.Tensor) -> torch.Tensor:
-    """Append `other`'s rows to `cache` in place, left-padding the shorter side; returns the joined mask."""
-    length, other_length = mask.shape[1], other_mask.shape[1]
-    total = max(length, other_length)
-    for layer, new in zip(cache.layers, other.layers):
-        layer.keys = torch.cat([_pad_left(layer.keys, total - length), _pad_left(new.keys, total - other_length)])
-        layer.values = torch.cat([_pad_left(layer.values, total - length),
-                                  _pad_left(new.values, total - other_length)])
-    pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n), m], dim=1)  # noqa: E731
-    return torch.cat([pad(mask, total - length), pad(other_mask, total - other_length)])
-
-
-def keep_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Keep only rows `keep` of `cache` in place and drop the leading columns no kept row uses; returns the mask."""
-    index = torch.tensor(keep, dtype=torch.long)
-    mask = mask.index_select(0, index)
-    used = mask.sum(0).nonzero()
-    start = int(used[0]) if len(used) else mask.shape[1]
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return mask[:, start:]
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -139,17 +107,16 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def mixable(peft_config) -> bool:
-    """Whether peft can run this adapter beside others in one batch (`adapter_names`): plain LoRA only."""
-    return peft_config.peft_type.value == "LORA" and not getattr(peft_config, "use_dora", False)
-
-
 class Engine:
-    """The scheduler: a bounded waiting queue, at most `max_batch` running rows, one thread stepping them."""
+    """The scheduler: a bounded waiting queue, at most `max_batch` running rows, one thread stepping them.
 
-    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 32, max_queue: int = 64,
+    `backend` holds the model(s) and their KV caches: `adapters`, `batch_key(adapter)`, `prefill`, `join`,
+    `decode`, `keep`, `load_adapter` and `unload_adapter` (see torch_backend.TorchBackend).
+    """
+
+    def __init__(self, backend, tokenizer, stop_ids: list[int], max_batch: int = 32, max_queue: int = 64,
                  metrics=None):
-        self.model = model
+        self.backend = backend
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.max_batch = max_batch
@@ -160,17 +127,13 @@ class Engine:
         self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
-        self._active_adapter: str | None = None
         self._thread = threading.Thread(target=self._run, name="dstune-serve-engine", daemon=True)
-        self._check_cache()
-        self.model.eval()
         self._thread.start()
 
     # ---------------------------------------------------------------- the HTTP side
     @property
     def adapters(self) -> list[str]:
-        config = getattr(self.model, "peft_config", None)
-        return sorted(config) if config else []
+        return self.backend.adapters
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -201,22 +164,14 @@ class Engine:
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load an adapter (on the engine thread, through `call`)."""
-        from .adapters import add_adapter
-
-        self.model = add_adapter(self.model, name, path)
-        self.model.eval()
-        self._active_adapter = None
+        self.backend.load_adapter(name, path)
 
     def unload_adapter(self, name: str) -> None:
         """Unload an adapter no request is using (on the engine thread, through `call`)."""
-        from .adapters import remove_adapter
-
         rows = [r for b in self._batches.values() for r in b.rows] + list(self._waiting)
         if any(r.request.adapter == name for r in rows):
             raise InputError(f"adapter {name!r} has requests running or waiting; unload it when they end")
-        self.model = remove_adapter(self.model, name)
-        self.model.eval()
-        self._active_adapter = None
+        self.backend.unload_adapter(name)
 
     def close(self) -> None:
         with self._wake:
@@ -225,18 +180,6 @@ class Engine:
         self._thread.join(timeout=30)
 
     # ---------------------------------------------------------------- the engine thread
-    def _check_cache(self) -> None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self._base_config())
-        kinds = {type(layer).__name__ for layer in cache.layers}
-        if kinds - {"DynamicLayer"}:
-            raise InputError(f"dstune serve: the torch engine joins plain KV caches only; this model's cache has "
-                             f"{sorted(kinds)} layers (sliding-window attention). Serve it with --engine vllm")
-
-    def _base_config(self):
-        return self.model.config
-
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -279,67 +222,35 @@ class Engine:
         if self.metrics is not None and sizes:
             self.metrics.decode_step(sum(sizes))
 
-    def _batch_key(self, adapter: str | None) -> str | None:
-        if adapter is None or mixable(self.model.peft_config[adapter]):
-            return "mixed"
-        return adapter
-
-    def _forward(self, key: str | None, adapters: list[str | None], **inputs):
-        peft_config = getattr(self.model, "peft_config", None)
-        if not peft_config:
-            return self.model(**inputs)
-        if key == "mixed":
-            if all(a is None for a in adapters):
-                with self.model.disable_adapter():
-                    return self.model(**inputs)
-            return self.model(**inputs, adapter_names=[a or "__base__" for a in adapters])
-        if self._active_adapter != key:
-            self.model.set_adapter(key)
-            self._active_adapter = key
-        return self.model(**inputs)
-
     def _admit(self) -> None:
-        from transformers import DynamicCache
-
         while self._waiting and self.running() < self.max_batch:
             with self._wake:
                 row = self._waiting.popleft()
             if row.stream.cancelled.is_set():
                 row.stream.deliver(Event("done", finish_reason="cancelled"))
                 continue
-            if row.request.adapter is not None and row.request.adapter not in self.adapters:
-                row.stream.deliver(Event("error", text=f"adapter {row.request.adapter!r} was unloaded"))
+            adapter = row.request.adapter
+            if adapter is not None and adapter not in self.adapters:
+                row.stream.deliver(Event("error", text=f"adapter {adapter!r} was unloaded"))
                 continue
-            ids = torch.tensor([row.request.prompt_ids])
-            cache = DynamicCache(config=self._base_config())
-            key = self._batch_key(row.request.adapter)
-            out = self._forward(key, [row.request.adapter], input_ids=ids, attention_mask=torch.ones_like(ids),
-                                position_ids=torch.arange(ids.shape[1])[None], past_key_values=cache, use_cache=True,
-                                logits_to_keep=1)
-            row.length = ids.shape[1]
-            token = sample(out.logits[0, -1], row.request.sampling, row.generator)
+            key = self.backend.batch_key(adapter)
+            logits, state = self.backend.prefill(key, row.request.prompt_ids, adapter)
+            row.length = len(row.request.prompt_ids)
+            token = sample(logits, row.request.sampling, row.generator)
             row.stream.first_token = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.first_token(row.stream.first_token - row.stream.submitted)
             if self._advance(row, token):
                 continue
             batch = self._batches.setdefault(key, _Batch(key))
-            mask = torch.ones(1, ids.shape[1], dtype=torch.long)
-            if batch.cache is None:
-                batch.cache, batch.mask = out.past_key_values, mask
-            else:
-                batch.mask = join_caches(batch.cache, batch.mask, out.past_key_values, mask)
+            batch.state = state if batch.state is None else self.backend.join(batch.state, state)
             batch.rows.append(row)
             batch.next_ids.append(token)
 
     def _decode(self, batch: _Batch) -> None:
         rows = batch.rows
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        out = self._forward(batch.key, [r.request.adapter for r in rows], input_ids=torch.tensor(batch.next_ids)[:, None],
-                            attention_mask=mask, position_ids=torch.tensor([[r.length] for r in rows]),
-                            past_key_values=batch.cache, use_cache=True)
-        batch.mask = mask
-        logits = out.logits[:, -1]
+        logits, batch.state = self.backend.decode(batch.key, batch.state, batch.next_ids,
+                                                  [r.request.adapter for r in rows], [r.length for r in rows])
         greedy = logits.argmax(-1).tolist()
         keep, next_ids = [], []
         for i, row in enumerate(rows):
@@ -351,10 +262,9 @@ class Engine:
                 next_ids.append(token)
         if len(keep) < len(rows):
             if keep:
-                batch.mask = keep_rows(batch.cache, batch.mask, keep)
+                batch.state = self.backend.keep(batch.state, keep)
             batch.rows = [rows[i] for i in keep]
         batch.next_ids = next_ids
-
     def _advance(self, row: _Row, token: int) -> bool:
         """Take one new token for `row`; deliver new text; return True when the row is finished."""
         if row.stream.cancelled.is_set():
