@@ -119,13 +119,15 @@ def check_few_shot(result: dict) -> None:
 
 
 def check_serve(result: dict) -> None:
-    assert set(result["medians"]) == {"generate, one at a time", "serve base @1", "serve LoRA r16 @1", "serve base @4",
-                                      "serve LoRA r16 @4"}
-    served, total = map(int, result["quality"]["served_answers_identical_to_generate"].split("/"))
-    assert served == total == result["settings"]["prompts"]  # greedy answers equal model.generate's
+    assert set(result["medians"]) == {"generate, one at a time"} | {
+        f"{system} @{c}" for c in (1, 4) for system in ("serve base", "serve LoRA r16", "serve onnx", "transformers serve")}
+    for system, same in result["quality"]["served_answers_identical_to_generate"].items():
+        served, total = map(int, same.split("/"))
+        assert served == total == result["settings"]["prompts"], system  # greedy answers equal model.generate's
     runs = [r for name, rs in result["runs"].items() if name.startswith("serve") for r in rs]
     assert all(r["failed"] == 0 and r["tokens"] > 0 for r in runs)
-    assert result["medians"]["serve base @4"]["mean_decode_batch"] > 1  # concurrent requests decoded together
+    for system in ("serve base", "serve onnx"):  # concurrent requests decoded together
+        assert result["medians"][f"{system} @4"]["mean_decode_batch"] > 1
 
 
 def check_methods(result: dict) -> None:
