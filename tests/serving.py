@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -27,3 +29,26 @@ def start(recipe, adapters: dict, **options):
     opts = ServeOptions(adapters={k: str(v) for k, v in adapters.items()}, **options)
     check_options(opts)
     return BackgroundServer(build_server(recipe, opts))
+
+
+def short_finishes_first(client, long_model: str, short_model: str) -> bool:
+    """Stream a 256-token answer; once it has begun, ask for 4 tokens: whether the short answer ended first."""
+    done: dict[str, float] = {}
+    started = threading.Event()
+
+    def long():
+        stream = client.chat.completions.create(model=long_model, messages=[{"role": "user", "content": "write at length"}],
+                                                max_tokens=256, temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                started.set()
+        done["long"] = time.perf_counter()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    assert started.wait(60), "the long answer did not start"
+    client.chat.completions.create(model=short_model, messages=[{"role": "user", "content": "short"}], max_tokens=4,
+                                   temperature=0)
+    done["short"] = time.perf_counter()
+    thread.join(120)
+    return done["short"] < done["long"]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import openai
 import pytest
 import torch
 
-from serving import start
+from serving import short_finishes_first, start
 
 
 @pytest.fixture(scope="module")
@@ -108,22 +105,4 @@ def test_onnx_continuous_batching_and_mixed_burst(onnx_served):
         together = list(pool.map(lambda job: ask(onnx_served, job[0], job[1], max_tokens=10), jobs))
     assert sum(a == b for a, b in zip(alone, together)) / len(jobs) >= 0.99
 
-    done, started = {}, threading.Event()
-
-    def long():
-        stream = client(onnx_served).chat.completions.create(
-            model="alpha", messages=[{"role": "user", "content": "write at length"}], max_tokens=256, temperature=0,
-            stream=True)
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                started.set()
-        done["long"] = time.perf_counter()
-
-    thread = threading.Thread(target=long)
-    thread.start()
-    assert started.wait(60)
-    ask(onnx_served, "alpha", "short", max_tokens=4)
-    done["short"] = time.perf_counter()
-    thread.join(120)
-    assert done["short"] < done["long"]
-    assert np.isfinite(done["long"])
+    assert short_finishes_first(client(onnx_served), "alpha", base)
