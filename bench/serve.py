@@ -4,7 +4,7 @@ One process, one model, one thread count. In each repetition, alternating:
   - the baseline: the same prompts answered one at a time by transformers' `model.generate` (fp32, eager, greedy,
     batch 1): what a user without a server would run;
   - dstune serve (torch backend), the base model, at concurrency 1, 8 and 32 (clients of the real openai package
-    on 127.0.0.1, streamed, each sending its share of the prompts in turn);
+    in a process of their own, on 127.0.0.1, streamed, each sending its share of the prompts in turn);
   - the same with every request for a rank-16 LoRA adapter (random weights: the cost does not depend on them);
   - dstune serve's ONNX backend on an fp32 export of the same model, at each concurrency;
   - `transformers serve` on the same model folder, with and without its --continuous-batching, at each concurrency.
@@ -234,10 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     onnx_name = onnx.server.settings.base_name
     runs: dict[str, list[dict]] = {}
 
+    # The clients run in a process of their own, as real clients do: in the server's process their Python work
+    # would hold the GIL that the engine thread needs between kernels.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    clients = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
     def measure(rep: int, name: str, server, served: str | None, c: int) -> None:
         result = (baseline(model, tokenizer, texts, max_tokens, stops) if server is None
-                  else load(server.url, served, texts, max_tokens, c, key,
-                            server.port if server in (running, onnx) else None))
+                  else clients.submit(load, server.url, served, texts, max_tokens, c, key,
+                                      server.port if server in (running, onnx) else None).result())
         runs.setdefault(name, []).append(result)
         print(f"rep {rep + 1}/{reps} {name}: {result['tokens_per_s']} tok/s, p50 {result['latency_p50_s']} s",
               flush=True)
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             for group in (groups if rep % 2 == 0 else groups[::-1]):
                 group(rep)
     finally:
+        clients.shutdown()
         running.stop()
         onnx.stop()
 
