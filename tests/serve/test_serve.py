@@ -72,6 +72,13 @@ def test_completions_and_sampling(served):
     c = client(served)
     reply = c.completions.create(model="beta", prompt="The code for asthma is", max_tokens=6, temperature=0)
     assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens >= 1
+    # Usage counts the prompt once, not once per choice, and a streamed answer reports what an unstreamed one does.
+    two = c.completions.create(model="beta", prompt="The code for asthma is", max_tokens=6, temperature=0, n=2)
+    assert two.usage.prompt_tokens == reply.usage.prompt_tokens
+    assert two.usage.completion_tokens == 2 * reply.usage.completion_tokens
+    streamed = list(c.completions.create(model="beta", prompt="The code for asthma is", max_tokens=6, temperature=0,
+                                         n=2, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.model_dump() == two.usage.model_dump()
     # A seed makes a sampled answer repeatable; n gives that many choices.
     kw = dict(model="alpha", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=1.0, seed=7)
     first, second = c.chat.completions.create(**kw), c.chat.completions.create(**kw)

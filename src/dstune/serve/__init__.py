@@ -118,12 +118,11 @@ def build_server(recipe, options: ServeOptions):
 
 
 def serve(recipe, options: ServeOptions) -> None:
-    """Run the server until interrupted (uvicorn on options.host:options.port)."""
+    """Run the server until interrupted (uvicorn on options.host:options.port); api.serve has checked `options`."""
     import uvicorn
 
     from .app import create_app
 
-    check_options(options)
     generated = not options.api_key
     if generated:  # every route but /health checks a key: without one given, the server makes one
         options.api_key = f"sk-dstune-{secrets.token_urlsafe(24)}"

@@ -182,34 +182,26 @@ def _requests(server: Server, body, prompts: list[list[int]], adapter: str | Non
 
 
 async def _collect(request: Request, streams: list[Stream], queue: asyncio.Queue, timeout: float) -> list[Event]:
-    """Wait for every choice's end, cancelling them all if the client goes away or the time limit passes."""
+    """Every choice's end: 503 when the engine fails, 408 past the time limit; a client gone away cancels them."""
     done: dict[int, Event] = {}
     deadline = time.monotonic() + timeout
-    try:
-        while len(done) < len(streams):
-            try:
-                index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError from None
-                if time.monotonic() > deadline:
-                    raise APIError(408, f"the answer took longer than this server's limit of {timeout:g} s "
-                                   "(dstune serve --request-timeout)", None, "timeout") from None
-                continue
-            if event.kind == "error":
-                raise APIError(503, event.text, None, "engine_error")
-            if event.kind == "done":
-                done[index] = event
-    finally:
-        for stream in streams:
-            stream.cancel()
+    async for index, event in _events(request, streams, queue, timeout):
+        if event.kind == "error":
+            raise APIError(503, event.text, None, "engine_error")
+        if event.kind == "done":
+            done[index] = event
+    if len(done) < len(streams):
+        if time.monotonic() <= deadline:  # _events stopped early: the client disconnected
+            raise asyncio.CancelledError
+        raise APIError(408, f"the answer took longer than this server's limit of {timeout:g} s "
+                       "(dstune serve --request-timeout)", None, "timeout")
     return [done[i] for i in range(len(streams))]
 
 
-def _usage(events: list[Event]) -> dict:
+def _usage(prompt_tokens: int, events: list[Event]) -> dict:
+    """OpenAI's usage: the prompts' tokens once (not once per choice), and every choice's generated tokens."""
     completion = sum(e.completion_tokens for e in events)
-    prompt = events[0].prompt_tokens if events else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def _sse(payload: dict | str) -> str:
@@ -300,7 +292,7 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": ident, "created": created, "model": body.model}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(server, request, streams, queue, head, usage),
+            return StreamingResponse(_chat_stream(server, request, streams, queue, head, len(ids) if usage else None),
                                      media_type="text/event-stream")
         events = await _collect(request, streams, queue, settings.request_timeout_s)
         choices = []
@@ -310,7 +302,7 @@ def create_app(server: Server) -> FastAPI:
             if settings.reasoning:
                 message["reasoning_content"] = reasoning or None
             choices.append({"index": i, "message": message, "finish_reason": event.finish_reason, "logprobs": None})
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(events)}
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(ids), events)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -321,15 +313,14 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(server, request, streams, queue, head, usage),
+            return StreamingResponse(_completion_stream(server, request, streams, queue, head,
+                                                        sum(len(p) for p in prompts) if usage else None),
                                      media_type="text/event-stream")
         events = await _collect(request, streams, queue, settings.request_timeout_s)
         choices = [{"index": i, "text": e.text, "finish_reason": e.finish_reason, "logprobs": None}
                    for i, e in enumerate(events)]
-        usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens":
-                 sum(e.completion_tokens for e in events)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+        return {**head, "object": "text_completion", "choices": choices,
+                "usage": _usage(sum(len(p) for p in prompts), events)}
 
     @app.post("/admin/adapters")
     async def load_adapter(request: Request):
@@ -413,7 +404,8 @@ async def _events(request: Request, streams: list[Stream], queue: asyncio.Queue,
             stream.cancel()
 
 
-async def _chat_stream(server: Server, request: Request, streams, queue, head: dict, usage: bool):
+async def _chat_stream(server: Server, request: Request, streams, queue, head: dict, usage: int | None):
+    """Chunks of every choice, then the usage chunk when asked (`usage`: the prompt's tokens, or None)."""
     head = {**head, "object": "chat.completion.chunk"}
     splitters = [ThinkSplitter(server.settings.reasoning) for _ in streams]
     for i in range(len(streams)):
@@ -433,12 +425,13 @@ async def _chat_stream(server: Server, request: Request, streams, queue, head: d
         if event.kind == "done":
             ends.append(event)
             yield _sse({**head, "choices": [{"index": index, "delta": {}, "finish_reason": event.finish_reason}]})
-    if usage:
-        yield _sse({**head, "choices": [], "usage": _usage(ends)})
+    if usage is not None:
+        yield _sse({**head, "choices": [], "usage": _usage(usage, ends)})
     yield _sse("[DONE]")
 
 
-async def _completion_stream(server: Server, request: Request, streams, queue, head: dict, usage: bool):
+async def _completion_stream(server: Server, request: Request, streams, queue, head: dict, usage: int | None):
+    """Text chunks of every choice, then the usage chunk when asked (`usage`: the prompts' tokens, or None)."""
     head = {**head, "object": "text_completion"}
     ends = []
     async for index, event in _events(request, streams, queue, server.settings.request_timeout_s):
@@ -451,9 +444,6 @@ async def _completion_stream(server: Server, request: Request, streams, queue, h
             ends.append(event)
             yield _sse({**head, "choices": [{"index": index, "text": "", "finish_reason": event.finish_reason,
                                              "logprobs": None}]})
-    if usage:
-        completion = sum(e.completion_tokens for e in ends)
-        prompt = sum(e.prompt_tokens for e in ends)
-        yield _sse({**head, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                     "total_tokens": prompt + completion}})
+    if usage is not None:
+        yield _sse({**head, "choices": [], "usage": _usage(usage, ends)})
     yield _sse("[DONE]")

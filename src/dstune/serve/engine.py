@@ -23,8 +23,6 @@ from ..errors import InputError
 
 log = logging.getLogger("dstune.serve")
 
-BASE = None  # the adapter name of a request for the base model
-
 
 class QueueFull(Exception):
     """The waiting queue is at capacity: the HTTP layer answers 429."""
@@ -57,7 +55,6 @@ class Event:
     kind: str  # "delta" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None
-    prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
@@ -265,6 +262,7 @@ class Engine:
                 batch.state = self.backend.keep(batch.state, keep)
             batch.rows = [rows[i] for i in keep]
         batch.next_ids = next_ids
+
     def _advance(self, row: _Row, token: int) -> bool:
         """Take one new token for `row`; deliver new text; return True when the row is finished."""
         if row.stream.cancelled.is_set():
@@ -302,7 +300,6 @@ class Engine:
         if len(text) > row.sent:
             row.stream.deliver(Event("delta", text=text[row.sent:]))
         tokens = len(row.ids) + counted
-        row.stream.deliver(Event("done", text=text, finish_reason=reason,
-                                 prompt_tokens=len(row.request.prompt_ids), completion_tokens=tokens))
+        row.stream.deliver(Event("done", text=text, finish_reason=reason, completion_tokens=tokens))
         if self.metrics is not None:
-            self.metrics.finished(tokens, time.perf_counter() - row.stream.submitted)
+            self.metrics.finished(time.perf_counter() - row.stream.submitted)

@@ -15,7 +15,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServeMetrics:
     """Requests by route and status, queue depth, running rows, tokens/s, TTFT, latency and decode batch size."""
 
-    def __init__(self, engine_depth=None, engine_running=None, window_s: float = 10.0):
+    def __init__(self, window_s: float = 10.0):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("dstune_requests", "HTTP requests by route and status code", ["route", "status"],
@@ -31,10 +31,6 @@ class ServeMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("dstune_decode_batch_size", "rows decoded together in one step (its _sum/_count is "
                                "the mean decode batch size)", buckets=BATCH_BUCKETS, registry=r)
-        if engine_depth is not None:
-            self.queue.set_function(engine_depth)
-        if engine_running is not None:
-            self.running.set_function(engine_running)
         self._window = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
@@ -64,7 +60,7 @@ class ServeMetrics:
         with self._lock:
             self._recent.append((time.perf_counter(), 1))
 
-    def finished(self, tokens: int, seconds: float) -> None:
+    def finished(self, seconds: float) -> None:
         self.latency.observe(seconds)
 
     def request(self, route: str, status: int) -> None:
