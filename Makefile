@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 RECIPE ?= recipes/icd10_lora.yaml
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean browser
 
 setup: $(VENV)/.dstune-installed
 
@@ -23,10 +23,17 @@ $(VENV)/.dstune-installed: pyproject.toml tests/plugins/pyproject.toml Makefile
 demo: setup
 	$(BIN)/dstune run $(RECIPE)
 
-test: setup
+# The board's browser tests drive Debian's Chromium; they fail, never skip, without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && \
+	  $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -35,6 +35,8 @@ SMOKES = {
                                 "dedup_medians"}),
     "dropout_mask": ([], False, {"benchmark", "mode", "machine", "median_ms", "speedup", "floor_ms"}),
     "few_shot": ([], True, {"benchmark", "mode", "machine", "settings", "curve", "goals"}),
+    "board": ([], True, {"benchmark", "mode", "machine", "settings", "page_load_ms", "tensorboard_page_load_ms",
+                         "curve_delay_ms", "ratios"}),
     "serve": (["--concurrency", "1,4"], True, {"benchmark", "mode", "machine", "settings", "quality", "medians",
                                               "ratios", "goals", "runs"}),
 }
@@ -152,5 +154,14 @@ def check_data_checks(result: dict) -> None:
     assert result["dedup_medians"]["dstune"]["records_per_s"] > 0
 
 
-CHECKS = {"train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
+def check_board(result: dict) -> None:
+    steps = result["settings"]["logged_steps"]
+    # Every logged step was seen on the board's page and at TensorBoard's API, each after it was logged.
+    for side in ("board_page", "tensorboard_api"):
+        delay = result["curve_delay_ms"][side]
+        assert delay["n"] == steps and delay["median"] > 0, (side, delay)
+    assert all(stats["n"] == result["settings"]["repetitions"] for stats in result["page_load_ms"].values())
+
+
+CHECKS = {"board": check_board, "train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
           "data_checks": check_data_checks, "few_shot": check_few_shot}

@@ -25,6 +25,7 @@ EPILOG = """examples:
   dstune export recipes/icd10_lora.yaml --format onnx --quant int8
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
   dstune serve recipes/icd10_lora.yaml --adapter icd10=runs/icd10_lora/adapter   # OpenAI API on 127.0.0.1:8000
+  dstune board   # the web UI on 127.0.0.1:7860: recipes, runs, reports, chat, exports
 """
 
 
@@ -168,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="demonstrations per prompt (default eval.few_shot.k, else 5)")
     p.add_argument("--min-steps", type=int, default=30,
                    help="train at least this many optimizer steps at every size (default 30)")
+    p = sub.add_parser("board", help="a web UI: build recipes, launch and watch runs, reports, chat, export",
+                       description="A local web app over the runs folder: a recipe form with every key `dstune run` "
+                                   "accepts, runs launched as processes of their own (they outlive the browser and "
+                                   "the board) with live curves, reports side by side, a chat with base and adapter, "
+                                   "and exports with their gates. It prints its URL with a token, as Jupyter does. "
+                                   "See docs/board.md.",
+                       epilog="examples:\n  dstune board\n  dstune board --port 7861 --runs-dir runs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--runs-dir", default="runs", help="the runs folder, relative to the current one (default runs)")
+    p.add_argument("--recipes-dir", default="recipes", help="where the form finds base recipes (default recipes)")
+    p.add_argument("--token", help="the token every route requires (default: $DSTUNE_BOARD_TOKEN, else one made at "
+                                   "start and printed in the URL)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept this Host name (behind a reverse proxy); repeatable")
     p = sub.add_parser("convert-weights", help="rewrite pickle weights (.bin) as safetensors",
                        description="Load adapter_model.bin / pytorch_model*.bin (in a folder) or one weight file "
                                    "with torch's weights_only unpickler and write .safetensors next to it.")
@@ -234,6 +252,18 @@ def library_output_to(path: Path) -> None:
 
 def dispatch(args) -> int:
     """Run one parsed command."""
+    if args.command == "board":
+        from ..board import BoardOptions, board, check_options
+        from ..serve import env_key
+
+        options = BoardOptions(host=args.host, port=args.port, runs_dir=args.runs_dir, recipes_dir=args.recipes_dir,
+                               allowed_hosts=tuple(args.allow_host))
+        token = env_key(args.token, "DSTUNE_BOARD_TOKEN")
+        if token:
+            options.token = token
+        check_options(options)
+        board(options)
+        return 0
     if args.command == "convert-weights":
         from ..models.safety import allow_pickle, convert_to_safetensors
 
