@@ -8,6 +8,7 @@ steps, a few evaluation samples.
 import re
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
     small = [f"model.name_or_path={tiny_model_dirs['llama']}", "data.icd10.chapters=[\"10\"]",
              "data.icd10.max_train_per_category=2", "data.max_length=64", "train.max_steps=2",
              "train.max_dev_samples=4", "eval.max_samples=4", "eval.general.max_samples=4", "eval.batch_size=4"]
-    commands, other, served = [], [], []
+    commands, other, served, boards = [], [], [], []
     for line in english:
         argv = shlex.split(line)
         if argv[0] != "dstune":
@@ -54,6 +55,9 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
             continue
         if argv[1] == "serve":  # runs until stopped: started below, asked once, then stopped
             served.append(argv[1:] + small)
+            continue
+        if argv[1] == "board":  # the same: started below, its printed URL opened, then stopped
+            boards.append(argv[1:])
             continue
         commands.append({"argv": argv[1:] + (small if len(argv) > 2 else []), "cwd": str(tmp_path)})
     results = run_cli(commands)
@@ -78,11 +82,45 @@ def test_the_readme_tour_runs_as_written(tmp_path, tiny_model_dirs):
 
     assert len(served) == 1
     serve_as_written(served[0], tmp_path)
+    assert boards == [["board"]]
+    board_as_written(boards[0], tmp_path)
 
     argv, printed = error_example(ROOT / "README.md")
     assert error_example(ROOT / "README_zh.md") == (argv, printed)
     [result] = run_cli([{"argv": argv, "cwd": str(tmp_path)}])
     assert (result.returncode, result.stderr.strip()) == (2, printed)
+
+
+def board_as_written(argv: list[str], cwd: Path) -> None:
+    """`dstune board`: it prints a URL with its token; that URL opens the runs page, which lists the tour's run."""
+    import http.cookiejar
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "dstune", *argv, "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        found = re.match(r"dstune: board on (http://127\.0\.0\.1:\d+/\?token=\S+)$", first.strip())
+        assert found, first
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        for _ in range(100):
+            try:
+                page = opener.open(found.group(1), timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "icd10_lora" in page and "<title>dstune board" in page
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -15)
 
 
 def serve_as_written(argv: list[str], cwd: Path) -> None:
