@@ -28,12 +28,12 @@ def chromium_path() -> str:
                 "browser tests never skip")
 
 
-def screenshot(tab, name: str) -> None:
-    """A full-page screenshot into $DSTUNE_BOARD_SCREENSHOTS (docs/board/ when the docs are remade)."""
+def screenshot(tab, name: str, full_page: bool = True) -> None:
+    """A screenshot into $DSTUNE_BOARD_SCREENSHOTS (docs/board/ when the docs are remade)."""
     folder = os.environ.get("DSTUNE_BOARD_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        tab.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+        tab.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=full_page)
 
 
 def free_port() -> int:

@@ -57,3 +57,13 @@ def board(board_root):
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A browser test that skips (however: a skip mark, an importorskip) is reported as failed: CI stays red."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("browser") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: a browser test skipped ({report.longrepr}); the board's tests never skip"

@@ -63,7 +63,8 @@ def test_form_values_resolve_as_the_cli_overrides_do(board, page, board_root):
     expect(page.locator("#cli")).to_contain_text("data.system_prompt=")
     expect(page.locator("#check")).to_have_class(re.compile(r"\bok\b"))
     command = page.locator("#cli").text_content()
-    screenshot(page, "recipe")
+    page.locator("tr[data-key='train.epochs']").scroll_into_view_if_needed()
+    screenshot(page, "recipe", full_page=False)  # the sticky command bar over the changed train keys
     argv = shlex.split(command)
     assert argv[:3] == ["dstune", "run", "recipes/tiny.yaml"]
     cli = load_recipe_or_manifest(board_root / "recipes" / "tiny.yaml", argv[3:])

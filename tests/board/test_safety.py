@@ -61,7 +61,8 @@ def test_bad_requests_are_4xx_never_5xx(board):
                        ("/api/runs/launch", {"base": "recipes/tiny.yaml", "values": {"train.nope": "1"}}),
                        ("/api/recipe/save", {"base": "recipes/tiny.yaml", "path": "/etc/x.yaml"}),
                        ("/api/runs/nope/export", {"spec": "onnx:int8"}), ("/api/runs/tiny/stop", {}),
-                       ("/api/chat/nope", {"prompt": "hi"})):
+                       ("/api/chat/nope", {"prompt": "hi"}), ("/api/chat/tiny", {"prompt": "hi", "max_tokens": "x"}),
+                       ("/api/runs/tiny/export", {"spec": "onnx"}), ("/api/runs/tiny/export", {"spec": "nope:int8"})):
         status = call(board, "POST", path, GOOD, body)
         assert 400 <= status < 500, (path, body, status)
     assert board.jobs() == []

@@ -114,6 +114,12 @@ def create_app(options: BoardOptions) -> FastAPI:
     async def dstune_error(_request: Request, error: DstuneError):
         return JSONResponse({"error": str(error)}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception):
+        # One line for the page to show; the board's terminal gets the traceback from uvicorn's log as well.
+        return JSONResponse({"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"},
+                            status_code=500)
+
     def page(name: str, **context) -> HTMLResponse:
         html = pages.get_template(name).render(token=options.token, active=name.split(".")[0], **context)
         return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -415,13 +421,15 @@ def create_app(options: BoardOptions) -> FastAPI:
         prompt = str(body.get("prompt") or "").strip()
         if not prompt:
             raise BoardError(400, "prompt: empty")
+        max_tokens = body.get("max_tokens", 64)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 4096:
+            raise BoardError(400, f"max_tokens: a whole number from 1 to 4096 (got {max_tokens!r})")
         job = serve_job(name)
         if job is None:
             raise BoardError(409, f"no server for run {name!r}; start it first")
         state = await run_in_threadpool(_serve_state, job)
         if state["state"] != "ready":
             raise BoardError(409, f"the server of run {name!r} is {state['state']}")
-        max_tokens = int(body.get("max_tokens") or 64)
         answers = await asyncio.gather(*(run_in_threadpool(_ask, job, model, prompt, max_tokens)
                                          for model in state["models"]))
         return {"answers": answers}

@@ -66,8 +66,8 @@ class Jobs:
 
     def all(self) -> list[dict]:
         """Every job, newest first."""
-        found = [self.get(p.name) for p in sorted(self.root.iterdir(), reverse=True) if (p / "job.json").is_file()]
-        return [job for job in found if job is not None]
+        found = [self.get(p.name) for p in self.root.iterdir() if (p / "job.json").is_file()]
+        return sorted((job for job in found if job is not None), key=lambda job: job["started"], reverse=True)
 
     def log(self, job_id: str, tail: int = 40) -> str:
         """The last `tail` lines the job printed (progress-bar redraws folded to their last state)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+# A run with no job of the board's whose log or events changed this recently is taken as running elsewhere (a CLI).
+ACTIVE_SECONDS = 120
 # The pages a run writes that the board shows (every other file of a run stays private).
 REPORTS = {"report": "report.html", "data": "data/report.html", "curve": "curve/curve.html"}
 
@@ -15,8 +18,13 @@ def run_state(run_dir: Path, jobs: list[dict]) -> dict:
     report = run_dir / "report.json"
     checkpoints = run_dir / "checkpoints"
     resumable = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    touched = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "dstune.log") if p.is_file()),
+                  default=0.0)
     if job and job["state"] == "running":
         state = "running"
+    elif not job and time.time() - touched < ACTIVE_SECONDS and not (report.is_file()
+                                                                    and report.stat().st_mtime >= touched):
+        state = "running elsewhere"  # started from a terminal: the curves stream, Stop is the terminal's
     elif job and job["state"] in ("failed", "lost"):
         state = "failed" if job.get("rc") != 3 else "gate failed"
     elif report.is_file() and (not job or report.stat().st_mtime >= job["started"]):

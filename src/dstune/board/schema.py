@@ -32,6 +32,7 @@ class FormField:
     choices: tuple[str, ...] = ()
     section: str = ""
     string: bool = False  # a str (or str | None) key: typed text is quoted where YAML would read it otherwise
+    type: str = ""  # the accepted values and the default, e.g. "int >= 1 · default 16"
 
 
 def _nested_model(annotation) -> type[BaseModel] | None:
@@ -58,6 +59,36 @@ def value_text(value) -> str:
         # JSON is YAML's flow style: one line, with newlines and quotes escaped.
         return value if plain else json.dumps(value, ensure_ascii=False)
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _accepts(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(value_text(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_accepts(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and origin is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _type_text(field) -> str:
+    """What a key accepts, with its bounds and its default, in a few words."""
+    annotation = field.annotation
+    accepts = _accepts(annotation)
+    bounds = []
+    for item in field.metadata:
+        for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, name, None) is not None:
+                bounds.append(f"{sign} {getattr(item, name)}")
+        if getattr(item, "pattern", None):
+            bounds.append(f"matching {item.pattern}")
+    default = "required" if field.is_required() else (
+        "default " + (value_text(field.get_default(call_default_factory=True)) or "null")
+        if field.default_factory is None or _nested_model(annotation) is None else "")
+    return " · ".join(part for part in (" ".join([accepts, *bounds]), default) if part)
 
 
 def _kind(annotation) -> tuple[str, tuple[str, ...]]:
@@ -122,7 +153,8 @@ def form_fields(resolved: dict, model: type[BaseModel] | None = None, prefix: st
         kind, choices = _kind(field.annotation)
         string = field.annotation is str or set(typing.get_args(field.annotation)) == {str, type(None)}
         fields.append(FormField(key=key, kind=kind, text=value_text(value), help=field_help(model, name),
-                                choices=choices, section=prefix.rstrip(".") or "recipe", string=string))
+                                choices=choices, section=prefix.rstrip(".") or "recipe", string=string,
+                                type=_type_text(field)))
     return fields
 
 
