@@ -52,13 +52,17 @@ class Board:
         self.process = None
 
     def start(self) -> Board:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dstune", "board", "--port", str(self.port)], cwd=self.root,
-            env={**os.environ, "DSTUNE_BOARD_TOKEN": TOKEN}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"board-{self.port}.log"
+        with log.open("a") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dstune", "board", "--port", str(self.port)], cwd=self.root,
+                # One thread per job: a run, an export and a server side by side on 2 cores, not 6 spinning threads.
+                env={**os.environ, "DSTUNE_BOARD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}, stdout=out,
+                stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
+            assert self.process.poll() is None, log.read_text()
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
@@ -93,3 +97,14 @@ def write_tiny_recipe(root: Path, model_dir: Path, data: dict, name: str = "tiny
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def write_toy_data(folder: Path) -> dict[str, Path]:
+    """Train/dev/test JSONL of a toy colour task (16/4/4 records)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(f"colour of item {i}", ["red", "green", "blue"][i % 3]) for i in range(24)]
+    files = {}
+    for split, chunk in (("train", pairs[:16]), ("dev", pairs[16:20]), ("test", pairs[20:])):
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in chunk))
+    return files

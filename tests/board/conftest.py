@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from boarding import CHROMIUM_ARGS, Board, chromium_path, write_tiny_recipe
+from boarding import CHROMIUM_ARGS, Board, chromium_path, write_tiny_recipe, write_toy_data
 
 
 @pytest.fixture(scope="session")
@@ -44,19 +44,31 @@ def board_root(tmp_path, tiny_model_dirs, jsonl_dataset) -> Path:
     return root
 
 
-@pytest.fixture
-def board(board_root):
-    """A running board; at the end, every job it started is killed."""
-    started = Board(board_root).start()
+def _running(root: Path):
+    started = Board(root).start()
     yield started
     started.stop()
-    for job in started.jobs():
+    for job in started.jobs():  # every job it started is killed
         pid = job.get("keeper_pid")
         if pid:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@pytest.fixture
+def board(board_root):
+    """A running board of this test's own."""
+    yield from _running(board_root)
+
+
+@pytest.fixture(scope="module")
+def shared_board(tmp_path_factory, tiny_model_dirs):
+    """One running board for a module's tests that start no run (the form, the refusals)."""
+    root = tmp_path_factory.mktemp("board") / "work"
+    write_tiny_recipe(root, tiny_model_dirs["llama"], write_toy_data(root / "data"))
+    yield from _running(root)
 
 
 @pytest.hookimpl(hookwrapper=True)

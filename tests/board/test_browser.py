@@ -4,6 +4,7 @@ chat, export and compare; a restarted board that stops and resumes the run; a fa
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,9 +59,10 @@ def test_form_launch_live_curve_disconnect_report_chat_export_and_compare(board,
     first.close()
 
     # The same recipe from the CLI, for the result the run must reach without a browser.
+    reference_log = (board.root / "reference.log").open("w")
     reference = subprocess.Popen([sys.executable, "-m", "dstune", "run", "recipes/tiny.yaml", "name=reference",
-                                  "train.max_steps=150"], cwd=board.root, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+                                  "train.max_steps=150"], cwd=board.root, stdout=reference_log,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     while not rc.is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert rc.read_text() == "0"
@@ -110,7 +112,8 @@ def test_form_launch_live_curve_disconnect_report_chat_export_and_compare(board,
     screenshot(page, "run_done")
 
     # The run the browser left is the run the CLI makes: the same adapter, bit for bit.
-    assert reference.wait(DONE / 1000) == 0, reference.stderr.read()[-2000:]
+    assert reference.wait(DONE / 1000) == 0, (board.root / "reference.log").read_text()[-2000:]
+    reference_log.close()
     from safetensors.torch import load_file
 
     ours = load_file(run_dir / "adapter" / "adapter_model.safetensors")

@@ -17,6 +17,12 @@ from dstune.provenance import load_recipe_or_manifest
 pytestmark = pytest.mark.browser
 
 
+@pytest.fixture(scope="module")
+def board(shared_board):
+    """These tests start no run: one board serves the module."""
+    return shared_board
+
+
 def schema_keys(schema: dict, node: dict | None = None, prefix: str = "") -> set[str]:
     """Leaf key paths of the recipe's JSON schema (sections recursed into, through $ref and `X | None`)."""
     node = node if node is not None else schema
@@ -47,7 +53,8 @@ def test_every_cli_key_is_in_the_form_plugins_included(board, page):
     assert help_text is not None
 
 
-def test_form_values_resolve_as_the_cli_overrides_do(board, page, board_root):
+def test_form_values_resolve_as_the_cli_overrides_do(board, page):
+    board_root = board.root
     board.login(page, "/recipe")
     page.click("#expand-all")
     page.fill("[name='train.learning_rate']", "0.003")  # number

@@ -12,6 +12,12 @@ from boarding import TOKEN
 pytestmark = pytest.mark.browser
 
 
+@pytest.fixture(scope="module")
+def board(shared_board):
+    """These tests start no run: one board serves the module."""
+    return shared_board
+
+
 def call(board, method: str, path: str, headers: dict, body: dict | None = None) -> int:
     request = urllib.request.Request(f"{board.url}{path}", method=method, headers=headers,
                                      data=None if body is None else json.dumps(body).encode())

@@ -6,6 +6,7 @@ servers are `dstune` processes of their own (`jobs.py`), so they outlive the bro
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from ..errors import InputError
@@ -24,12 +25,24 @@ def check_options(options: BoardOptions) -> None:
         raise InputError("--token: use at least 8 characters")
 
 
+def _warm_up() -> None:
+    """Import what the recipe preflight and the run page use (transformers, the registries): seconds, once."""
+    import importlib
+
+    for module in ("dstune.preflight", "dstune.models.loading", "dstune.data.templates", "dstune.data.augment",
+                   "dstune.data.sources", "dstune.evaluate.checks", "dstune.export.formats",
+                   "transformers.models.auto.configuration_auto"):
+        importlib.import_module(module)
+
+
 def board(options: BoardOptions) -> None:
     """Serve the board until interrupted; prints the URL with its token, as Jupyter does."""
     import uvicorn
     from fastapi.staticfiles import StaticFiles
 
     app = create_app(options)
+    # The form's first check runs the CLI's preflight, which imports transformers: do it now, not on that click.
+    threading.Thread(target=_warm_up, daemon=True).start()
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     host = f"[{options.host}]" if ":" in options.host else options.host
     shown = "127.0.0.1" if options.host in ("0.0.0.0", "::") else host

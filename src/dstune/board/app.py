@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import apply_overrides
 from ..errors import DstuneError
+from ..preflight import check_recipe
 from ..provenance import load_recipe_or_manifest, recipe_source
 from . import runs as run_files
 from .jobs import Jobs
@@ -190,6 +191,7 @@ def create_app(options: BoardOptions) -> FastAPI:
         overrides = overrides_from_form(fields, values)
         try:
             recipe = load_recipe_or_manifest(str(path), overrides)
+            check_recipe(recipe)  # what `dstune run` checks before any stage: model source, data files, checks
         except DstuneError as exc:
             return {"ok": False, "error": str(exc).replace(str(path), base), "overrides": overrides,
                     "command": cli_command("run", base, overrides)}

@@ -27,9 +27,12 @@ function formValues() {
   return values;
 }
 
+let checks = 0;
 async function checkRecipe() {
   const root = $("#recipe");
+  const asked = ++checks;
   const result = await api("POST", "/api/recipe/check", {base: root.dataset.base, values: formValues()});
+  if (asked !== checks) return null;  // a later edit's answer is on its way (answers may arrive out of order)
   $("#cli").textContent = result.command;
   const check = $("#check");
   check.textContent = result.ok ? `valid: run ${result.run} in ${result.run_dir}` : result.error;
