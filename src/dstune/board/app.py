@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shlex
 import socket
 import time
 import urllib.error
@@ -286,14 +287,18 @@ def create_app(options: BoardOptions) -> FastAPI:
         summary = run_summary(name, path)
         exports = []
         report = run_files.read_report(path) or {}
+        records = {f"{e['format']}:{e['quant']}": e for e in report.get("exports") or []}
         for job in jobs_of(name, "export"):
             spec = job.get("spec")
-            record = next((e for e in report.get("exports") or [] if f"{e['format']}:{e['quant']}" == spec), None)
             exports.append({"job": job["id"], "spec": spec, "state": job["state"], "error": job.get("error"),
-                            "record": record if job["state"] != "running" else None})
+                            "record": records.get(spec) if job["state"] != "running" else None})
+        # The exports the run itself made (export.formats), which no board job stands for.
+        shown = {e["spec"] for e in exports}
+        exports += [{"job": None, "spec": spec, "state": "done (in the run)", "error": None, "record": record}
+                    for spec, record in records.items() if spec not in shown]
         log = jobs.log(summary["job"], tail) if summary["job"] else ""
-        return {**summary, "log": log, "exports": exports,
-                "command": " ".join(jobs.get(summary["job"])["argv"]) if summary["job"] else None}
+        command = shlex.join(["dstune", *jobs.get(summary["job"])["argv"]]) if summary["job"] else None
+        return {**summary, "log": log, "exports": exports, "command": command}
 
     @app.get("/api/runs/{name}/events")
     async def run_events(name: str, request: Request):

@@ -136,7 +136,7 @@ if ($("#run")) {
       $("#error").hidden = !status.error;
       $("#error").textContent = status.error || "";
       $("#log").textContent = status.log;
-      $("#command").textContent = status.command ? `dstune ${status.command}` : "";
+      $("#command").textContent = status.command || "";
       $("#stop").disabled = status.state !== "running";
       $("#resume").disabled = !status.resumable;
       const rows = status.exports.map((e) => {
