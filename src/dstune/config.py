@@ -154,6 +154,9 @@ class TrainConfig(StrictModel):
     # A training objective from the registry (dstune.plugins.OBJECTIVES): sft (supervised cross-entropy), or a
     # plugin's.
     objective: str = "sft"
+    # Continue this peft adapter folder instead of a fresh adapter: same method, rank and targets; its weights are
+    # the starting point, and the new adapter's manifest records it as the parent. None: a fresh adapter.
+    init_adapter: str | None = None
     # None: lr_fraction x pretrain_learning_rate when that is set (the 1/10 rule by default), else the method's
     # default (docs/methods.md: lora 2e-4, ia3 3e-3, prefix 1e-2, bottleneck 1e-4).
     learning_rate: float | None = Field(None, gt=0)

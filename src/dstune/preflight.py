@@ -67,9 +67,21 @@ def check_export(recipe: Recipe) -> None:
             raise InputError(f"export.formats: {exc}") from None
 
 
+def check_train(recipe: Recipe) -> None:
+    """The adapter a run continues (train.init_adapter) is an adapter folder with safetensors weights."""
+    from .tuners.methods import check_adapter_dir
+
+    if recipe.train.init_adapter:
+        try:
+            check_adapter_dir(Path(recipe.train.init_adapter))
+        except InputError as exc:
+            raise InputError(f"train.init_adapter: {exc}") from None
+
+
 def check_recipe(recipe: Recipe, data: bool = True, model: str | Path | None = None) -> None:
     """All of the above (`data=False`: the stage reads no dataset, e.g. eval on a file)."""
     check_model(recipe, model)
+    check_train(recipe)
     if data:
         check_data(recipe)
     check_eval(recipe)

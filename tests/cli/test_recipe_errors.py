@@ -42,6 +42,8 @@ CASES = [
     ("train", {"train": {"eval_steps": 4, "save_steps": 6}},
      "recipe: train.save_steps: 6 must be a multiple of train.eval_steps (4)"),
     ("train", {"train": {"learning_rate": -1e-3}}, "recipe: train.learning_rate: Input should be greater than 0"),
+    ("train", {"train": {"init_adapter": "{tmp}/no-adapter"}},
+     "train.init_adapter: {tmp}/no-adapter: adapter folder not found"),
     ("train.lora", {"train": {"lora": {"r": 0}}}, "recipe: train.lora.r: Input should be greater than or equal to 1"),
     ("train.lora (dora)", {"train": {"method": "dora", "lora": {"dropout": 1.5}}},
      "recipe: train.lora.dropout: Input should be less than 1"),

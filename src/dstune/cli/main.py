@@ -15,6 +15,7 @@ from .resources import resource_message
 EPILOG = """examples:
   dstune run recipes/icd10_lora.yaml
   dstune train recipes/icd10_lora.yaml train.learning_rate=1e-3 train.epochs=1
+  dstune train recipes/icd10_lora.yaml name=icd10_more --from-adapter runs/icd10_lora/adapter   # continue it
   dstune run recipes/icd10_lora.yaml name=icd10_ia3 train.method=ia3   # lora|dora|ia3|prefix|bottleneck|a plugin's
   dstune run recipes/icd10_lora.yaml name=icd10_qlora model.load_in_4bit=true
   dstune run runs/icd10_lora/report.json name=icd10_lora_again   # the recipe a report recorded
@@ -46,6 +47,9 @@ def _add_resume(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue training exactly from the newest complete checkpoint of the run (or the "
                              "checkpoint folder given)")
+    parser.add_argument("--from-adapter", metavar="ADAPTER",
+                        help="start from this trained adapter instead of a fresh one (train.init_adapter): same "
+                             "method, rank and targets; the new adapter records it as its parent")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +275,8 @@ def dispatch(args) -> int:
         for out in convert_to_safetensors(args.path):
             print(f"dstune: wrote {out}")
         return 0
+    if getattr(args, "from_adapter", None):
+        args.overrides.append(f"train.init_adapter={args.from_adapter}")
     if isinstance(getattr(args, "resume", None), str) and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.append(args.resume)  # `--resume key=value`: an override, not a checkpoint path
         args.resume = True

@@ -42,6 +42,7 @@ from .collate import CausalCollator
 from .events import EventLog
 from .fastlora import enable_fused_lora
 from .guards import NonFiniteGuard, Preemption
+from .init_adapter import load_initial_adapter
 from .objectives.base import TrainContext
 from .packing import PackingCollator
 from .qat import disable_qat, enable_qat
@@ -302,6 +303,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     set_seed(cfg.seed)  # adapter weights are drawn here
     model = add_method(model, cfg)
     method.before_training(model, method_options, train_set, recipe.data.max_length)
+    parent = load_initial_adapter(model, cfg.init_adapter) if cfg.init_adapter else None
     trainable, total = model.get_nb_trainable_parameters()
     qat = cfg.qat
     # QAT replaces the fused path on the layers it covers: its forward uses the fake-quantized merged weight.
@@ -616,6 +618,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "best_metric": {cfg.metric if chat_dev else "loss": state.best_metric} if evaluate else None,
         "best_checkpoint": str(checkpoints / f"checkpoint-{state.best_step}") if state.best_step else None,
         "resumed_from": str(resume_from) if resume_from else None,
+        "parent": parent,
         "nonfinite_skipped": len(nonfinite.skipped),
         "nonfinite_steps": nonfinite.skipped,
         "log_history": state.log_history,
