@@ -470,24 +470,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_recipe_file(path: str | Path) -> dict:
+    """A recipe YAML as written (not validated), its name defaulting to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise InputError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a recipe must be a mapping of sections")
+    raw.setdefault("name", path.stem)
+    return raw
+
+
 def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe YAML (or dict), apply overrides, and validate it."""
     if isinstance(source, dict):
         raw, label = copy.deepcopy(source), "recipe"  # overrides must not reach into the caller's nested dicts
     else:
-        path = Path(source)
-        label = str(path)
-        if not path.is_file():
-            raise InputError(f"{path}: recipe file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise InputError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: a recipe must be a mapping of sections")
-        raw.setdefault("name", path.stem)
+        raw, label = read_recipe_file(source), str(Path(source))
     raw = apply_overrides(raw, overrides or [])
     try:
         return recipe_model().model_validate(raw)

@@ -19,8 +19,6 @@ def check_options(options: BoardOptions) -> None:
     """Every error knowable from the command line, before the server starts."""
     if not 0 <= options.port <= 65535:
         raise InputError(f"--port {options.port}: not a port number")
-    if not Path(options.root).is_dir():
-        raise InputError(f"--root {options.root}: no such folder")
     if len(options.token) < 8:
         raise InputError("--token: use at least 8 characters")
 

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, Response, HTMLResponse, JSONResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
-from ..config import apply_overrides
+from ..config import apply_overrides, read_recipe_file
 from ..errors import DstuneError
 from ..preflight import check_recipe
 from ..provenance import load_recipe_or_manifest, recipe_source
@@ -37,6 +37,9 @@ HERE = Path(__file__).parent
 TOKEN_COOKIE = "dstune_board_token"
 TOKEN_HEADER = "x-board-token"
 SAFE_METHODS = ("GET", "HEAD")
+# The board's pages run only its own script; inline styles are the templates' few.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+               "frame-ancestors 'self'")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
@@ -124,47 +127,48 @@ def create_app(options: BoardOptions) -> FastAPI:
 
     def page(name: str, **context) -> HTMLResponse:
         html = pages.get_template(name).render(token=options.token, active=name.split(".")[0], **context)
-        return HTMLResponse(html, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                                                                       "style-src 'self' 'unsafe-inline'; frame-ancestors 'self'"})
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_POLICY})
 
     # -- runs and their jobs --------------------------------------------------------------------------------------
 
-    def run_dirs() -> dict[str, Path]:
+    # Each request reads the job folders once (`every = jobs.all()`) and hands that snapshot to these helpers: a run
+    # page polls its status every second, and each read checks /proc and the logs of the jobs that failed.
+
+    def run_dirs(every: list[dict]) -> dict[str, Path]:
         found = {}
         if options.runs_path.is_dir():
             for path in sorted(options.runs_path.iterdir()):
                 if path.is_dir() and not path.name.startswith("."):
                     found[path.name] = path
-        for job in jobs.all():  # a recipe with its own output_dir still shows
+        for job in every:  # a recipe with its own output_dir still shows
             found.setdefault(job["run"], Path(job["run_dir"]))
         return found
 
-    def run_dir(name: str) -> Path:
-        path = run_dirs().get(name)
+    def run_dir(name: str, every: list[dict]) -> Path:
+        path = run_dirs(every).get(name)
         if path is None:
             raise BoardError(404, f"no run named {name!r} under {options.runs_path}")
         return path
 
-    def jobs_of(name: str, kind: str | None = None) -> list[dict]:
-        return [j for j in jobs.all() if j["run"] == name and (kind is None or j["kind"] == kind)]
+    def jobs_of(every: list[dict], name: str, kind: str) -> list[dict]:
+        """The run's jobs of one kind, newest first."""
+        return [j for j in every if j["run"] == name and j["kind"] == kind]
 
-    def run_summary(name: str, path: Path) -> dict:
-        state = run_files.run_state(path, jobs_of(name, "run"))
+    def run_summary(name: str, path: Path, every: list[dict]) -> dict:
+        state = run_files.run_state(path, jobs_of(every, name, "run"))
         report = run_files.read_report(path)
         metrics = {m: v.get("tuned") for m, v in ((report or {}).get("metrics") or {}).items()}
-        started = path.stat().st_mtime if path.exists() else None
-        return {"name": name, **state, "metrics": metrics, "modified": started,
+        return {"name": name, **state, "metrics": metrics,
                 "reports": [k for k, f in run_files.REPORTS.items() if (path / f).is_file()]}
 
-    def source_of(name: str) -> str:
-        """What a job of the run reads its recipe from: the manifest the run wrote, else its launch base."""
-        path = run_dir(name)
+    def source_of(name: str, path: Path, every: list[dict]) -> str:
+        """What a job of the run reads its recipe from: the manifest the run wrote, else its newest launch's base."""
         manifest = run_files.run_recipe_source(path)
         if manifest is not None:
             return _relative(manifest, options.root)
-        launched = jobs_of(name, "run")
+        launched = jobs_of(every, name, "run")
         if launched:
-            return launched[-1]["argv"][1]
+            return launched[0]["argv"][1]
         raise BoardError(409, f"run {name!r} has no manifest yet (its dataset was never built)")
 
     # -- recipe ---------------------------------------------------------------------------------------------------
@@ -174,7 +178,7 @@ def create_app(options: BoardOptions) -> FastAPI:
         recipes = options.root / options.recipes_dir
         if recipes.is_dir():
             found += [_relative(p, options.root) for p in sorted(recipes.glob("*.y*ml"))]
-        for name, path in run_dirs().items():
+        for name, path in run_dirs(jobs.all()).items():
             if (path / "report.json").is_file():
                 found.append(_relative(path / "report.json", options.root))
         return found
@@ -245,11 +249,8 @@ def create_app(options: BoardOptions) -> FastAPI:
             raise BoardError(400, f"{target or '(empty)'}: save as a .yaml file under {options.root}")
         if out.exists() and not body.get("overwrite"):
             raise BoardError(409, f"{target} exists; tick overwrite to replace it")
-        raw = recipe_source(str(base_path(base)))
-        if not isinstance(raw, dict):
-            raw = yaml.safe_load(Path(raw).read_text(encoding="utf-8")) or {}
-            raw.setdefault("name", base_path(base).stem)
-        raw = apply_overrides(raw, resolved["overrides"])
+        raw = recipe_source(str(base_path(base)))  # a manifest's recipe, else the file's path
+        raw = apply_overrides(raw if isinstance(raw, dict) else read_recipe_file(raw), resolved["overrides"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
         return {"saved": _relative(out, options.root), "command": cli_command("run", _relative(out, options.root), [])}
@@ -260,35 +261,39 @@ def create_app(options: BoardOptions) -> FastAPI:
     async def launch(request: Request):
         _, base, resolved = await resolved_body(request)
         name = resolved["run"]
-        if any(j["state"] == "running" for j in jobs_of(name, "run")):
+        if any(j["state"] == "running" for j in jobs_of(jobs.all(), name, "run")):
             raise BoardError(409, f"run {name!r} is already running")
         job = jobs.start("run", name, Path(resolved["run_dir"]), ["run", base, *resolved["overrides"]], options.root)
         return {"run": name, "job": job["id"], "command": resolved["command"]}
 
     @app.get("/runs", response_class=HTMLResponse)
     async def runs_page():
-        return page("runs.html", runs=[run_summary(n, p) for n, p in run_dirs().items()])
+        every = jobs.all()
+        return page("runs.html", runs=[run_summary(n, p, every) for n, p in run_dirs(every).items()])
 
     @app.get("/api/runs")
     async def runs_api():
-        return {"runs": [run_summary(n, p) for n, p in run_dirs().items()]}
+        every = jobs.all()
+        return {"runs": [run_summary(n, p, every) for n, p in run_dirs(every).items()]}
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     async def run_page(name: str):
-        path = run_dir(name)
+        every = jobs.all()
+        path = run_dir(name, every)
         from ..export.formats import EXPORTS
 
         specs = [f"{fmt}:{q}" for fmt in sorted(EXPORTS) for q in EXPORTS[fmt].quants]
-        return page("run.html", run=run_summary(name, path), specs=specs)
+        return page("run.html", run=run_summary(name, path, every), specs=specs)
 
     @app.get("/api/runs/{name}/status")
     async def run_status(name: str, tail: int = 30):
-        path = run_dir(name)
-        summary = run_summary(name, path)
+        every = jobs.all()
+        path = run_dir(name, every)
+        summary = run_summary(name, path, every)
         exports = []
         report = run_files.read_report(path) or {}
         records = {f"{e['format']}:{e['quant']}": e for e in report.get("exports") or []}
-        for job in jobs_of(name, "export"):
+        for job in jobs_of(every, name, "export"):
             spec = job.get("spec")
             exports.append({"job": job["id"], "spec": spec, "state": job["state"], "error": job.get("error"),
                             "record": records.get(spec) if job["state"] != "running" else None})
@@ -296,14 +301,15 @@ def create_app(options: BoardOptions) -> FastAPI:
         shown = {e["spec"] for e in exports}
         exports += [{"job": None, "spec": spec, "state": "done (in the run)", "error": None, "record": record}
                     for spec, record in records.items() if spec not in shown]
-        log = jobs.log(summary["job"], tail) if summary["job"] else ""
-        command = shlex.join(["dstune", *jobs.get(summary["job"])["argv"]]) if summary["job"] else None
+        newest = next((j for j in jobs_of(every, name, "run")), None)
+        log = jobs.log(newest["id"], tail) if newest else ""
+        command = shlex.join(["dstune", *newest["argv"]]) if newest else None
         return {**summary, "log": log, "exports": exports, "command": command}
 
     @app.get("/api/runs/{name}/events")
     async def run_events(name: str, request: Request):
         """Server-sent events: the run's step and eval events as events.jsonl grows (never stdout)."""
-        path = run_dir(name)
+        path = run_dir(name, jobs.all())
 
         async def stream():
             offset = 0
@@ -324,20 +330,21 @@ def create_app(options: BoardOptions) -> FastAPI:
 
     @app.post("/api/runs/{name}/stop")
     async def stop(name: str):
-        running = [j for j in jobs_of(name, "run") if j["state"] == "running"]
+        running = [j for j in jobs_of(jobs.all(), name, "run") if j["state"] == "running"]
         if not running or not jobs.stop(running[0]["id"]):
             raise BoardError(409, f"run {name!r} is not running")
         return {"stopping": running[0]["id"]}
 
     @app.post("/api/runs/{name}/resume")
     async def resume(name: str):
-        path = run_dir(name)
-        if any(j["state"] == "running" for j in jobs_of(name, "run")):
+        every = jobs.all()
+        path = run_dir(name, every)
+        launched = jobs_of(every, name, "run")
+        if any(j["state"] == "running" for j in launched):
             raise BoardError(409, f"run {name!r} is already running")
-        if not run_files.run_state(path, jobs_of(name, "run"))["resumable"]:
+        if not run_files.run_state(path, launched)["resumable"]:
             raise BoardError(409, f"run {name!r} has no checkpoint to resume from")
-        launched = jobs_of(name, "run")
-        argv = launched[0]["argv"] if launched else ["run", source_of(name)]
+        argv = launched[0]["argv"] if launched else ["run", source_of(name, path, every)]
         argv = [a for a in argv if a != "--resume"] + ["--resume"]
         job = jobs.start("run", name, path, argv, options.root)
         return {"run": name, "job": job["id"]}
@@ -352,24 +359,26 @@ def create_app(options: BoardOptions) -> FastAPI:
         if not sep:
             raise BoardError(400, f"{spec!r}: an export is format:quant, e.g. onnx:int8")
         get_format(fmt, quant)
-        path = run_dir(name)
+        every = jobs.all()
+        path = run_dir(name, every)
         if not (path / "merged" / "config.json").is_file():
             raise BoardError(409, f"run {name!r} has no merged model to export")
-        job = jobs.start("export", name, path, ["export", source_of(name), "--format", fmt, "--quant", quant],
-                         options.root, spec=spec)
+        argv = ["export", source_of(name, path, every), "--format", fmt, "--quant", quant]
+        job = jobs.start("export", name, path, argv, options.root, spec=spec)
         return {"job": job["id"], "spec": spec}
 
     # -- reports --------------------------------------------------------------------------------------------------
 
     @app.get("/report/{name}", response_class=HTMLResponse)
     async def report_page(name: str):
-        return page("report.html", run=run_summary(name, run_dir(name)))
+        every = jobs.all()
+        return page("report.html", run=run_summary(name, run_dir(name, every), every))
 
     @app.get("/files/{name}/{which}")
     async def report_file(name: str, which: str):
         if which not in run_files.REPORTS:
             raise BoardError(404, f"no report {which!r}")
-        path = run_dir(name) / run_files.REPORTS[which]
+        path = run_dir(name, jobs.all()) / run_files.REPORTS[which]
         if not path.is_file():
             raise BoardError(404, f"run {name!r} has no {run_files.REPORTS[which]}")
         # The reports are dstune's own self-contained pages: no script runs in them.
@@ -380,45 +389,48 @@ def create_app(options: BoardOptions) -> FastAPI:
     @app.get("/compare", response_class=HTMLResponse)
     async def compare_page(request: Request):
         names = request.query_params.getlist("run")
+        every = jobs.all()
         reports = {}
         for name in names:
-            report = run_files.read_report(run_dir(name))
+            report = run_files.read_report(run_dir(name, every))
             if report is not None:
                 reports[name] = report
-        done = [n for n, p in run_dirs().items() if (p / "report.json").is_file()]
+        done = [n for n, p in run_dirs(every).items() if (p / "report.json").is_file()]
         return page("compare.html", table=run_files.comparison(reports) if reports else None, done=done,
                     chosen=names)
 
     # -- chat -----------------------------------------------------------------------------------------------------
 
-    def serve_job(name: str) -> dict | None:
-        live = [j for j in jobs_of(name, "serve") if j["state"] == "running"]
+    def serve_job(name: str, every: list[dict]) -> dict | None:
+        live = [j for j in jobs_of(every, name, "serve") if j["state"] == "running"]
         return live[0] if live else None
 
     @app.get("/chat", response_class=HTMLResponse)
     async def chat_page(run: str | None = None):
-        servable = [n for n, p in run_dirs().items() if (p / "adapter").is_dir()]
+        servable = [n for n, p in run_dirs(jobs.all()).items() if (p / "adapter").is_dir()]
         return page("chat.html", runs=servable, chosen=run or (servable[0] if servable else None))
 
     @app.post("/api/chat/{name}/start")
     async def chat_start(name: str):
-        path = run_dir(name)
-        job = serve_job(name)
+        every = jobs.all()
+        path = run_dir(name, every)
+        job = serve_job(name, every)
         if job is None:
             if not (path / "adapter").is_dir():
                 raise BoardError(409, f"run {name!r} has no adapter yet")
             port, key = _free_port(), secrets.token_urlsafe(18)
             adapter = _relative(path / "adapter", options.root)
-            job = jobs.start("serve", name, path, ["serve", source_of(name), "--adapter", f"{name}={adapter}",
-                                                   "--port", str(port), "--served-model-name", "base"],
-                             options.root, port=port, env={"DSTUNE_API_KEY": key})
+            argv = ["serve", source_of(name, path, every), "--adapter", f"{name}={adapter}", "--port", str(port),
+                    "--served-model-name", "base"]
+            job = jobs.start("serve", name, path, argv, options.root, port=port, env={"DSTUNE_API_KEY": key})
         return await run_in_threadpool(_serve_state, job)
 
     @app.get("/api/chat/{name}")
     async def chat_state(name: str):
-        job = serve_job(name)
+        every = jobs.all()
+        job = serve_job(name, every)
         if job is None:
-            stopped = jobs_of(name, "serve")
+            stopped = jobs_of(every, name, "serve")
             return {"state": "stopped", "error": stopped[0].get("error") if stopped else None}
         return await run_in_threadpool(_serve_state, job)
 
@@ -431,7 +443,7 @@ def create_app(options: BoardOptions) -> FastAPI:
         max_tokens = body.get("max_tokens", 64)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 4096:
             raise BoardError(400, f"max_tokens: a whole number from 1 to 4096 (got {max_tokens!r})")
-        job = serve_job(name)
+        job = serve_job(name, jobs.all())
         if job is None:
             raise BoardError(409, f"no server for run {name!r}; start it first")
         state = await run_in_threadpool(_serve_state, job)
@@ -443,7 +455,7 @@ def create_app(options: BoardOptions) -> FastAPI:
 
     @app.post("/api/chat/{name}/stop")
     async def chat_stop(name: str):
-        job = serve_job(name)
+        job = serve_job(name, jobs.all())
         if job is None or not jobs.stop(job["id"]):
             raise BoardError(409, f"no server is running for run {name!r}")
         return {"stopping": job["id"]}

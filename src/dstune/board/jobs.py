@@ -71,14 +71,7 @@ class Jobs:
 
     def log(self, job_id: str, tail: int = 40) -> str:
         """The last `tail` lines the job printed (progress-bar redraws folded to their last state)."""
-        path = self.root / job_id / "output.log"
-        if not path.is_file():
-            return ""
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 65536))
-            text = handle.read().decode("utf-8", "replace")
-        lines = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
-        return "\n".join(lines[-tail:])
+        return "\n".join(tail_lines(self.root / job_id / "output.log")[-tail:])
 
     def stop(self, job_id: str) -> bool:
         """SIGTERM to the job's command (a run checkpoints and exits); False when it is not running."""
@@ -92,12 +85,23 @@ class Jobs:
         return True
 
 
-def error_line(log: Path) -> str | None:
-    """The command's one-line error (`dstune: error: ...`), or its last line when it died another way."""
+def tail_lines(log: Path, size: int = 65536) -> list[str]:
+    """The lines of the last `size` bytes of a log, each progress-bar redraw (\\r) folded to its last state."""
     try:
-        lines = [line.rsplit("\r", 1)[-1].strip() for line in log.read_text(errors="replace").splitlines()]
+        with log.open("rb") as handle:
+            handle.seek(max(0, log.stat().st_size - size))
+            text = handle.read().decode("utf-8", "replace")
     except OSError:
-        return None
+        return []
+    return [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+
+
+def error_line(log: Path) -> str | None:
+    """The command's one-line error (`dstune: error: ...`), or its last line when it died another way.
+
+    Both are at the end: the tail is read, not the whole log of a long run, on every look at a failed job.
+    """
+    lines = [line.strip() for line in tail_lines(log)]
     for line in reversed(lines):
         if line.startswith(ERROR_PREFIX):
             return line.removeprefix(ERROR_PREFIX)
@@ -128,8 +132,8 @@ def keep(folder: Path) -> int:
     """The keeper: run the job's command with its output to output.log, pass SIGTERM on, write rc at the end."""
     job = json.loads((folder / "job.json").read_text())
     with (folder / "output.log").open("ab") as log:
-        child = subprocess.Popen([sys.executable, "-m", "dstune", *job["argv"]], cwd=job["cwd"], stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=subprocess.STDOUT,
+        child = subprocess.Popen([sys.executable, "-m", "dstune", *job["argv"]], cwd=job["cwd"],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **job.get("env", {})})
     job.update(pid=child.pid, keeper_pid=os.getpid())
     _write_json(folder / "job.json", job)

@@ -38,7 +38,8 @@ def run_state(run_dir: Path, jobs: list[dict]) -> dict:
 
 
 def run_recipe_source(run_dir: Path) -> Path | None:
-    """The manifest that records the run's resolved recipe: the report, else the dataset's (`dstune run` reads either)."""
+    """The manifest that records the run's resolved recipe: the report, else the dataset's (`dstune run` reads
+    either)."""
     for candidate in (run_dir / "report.json", run_dir / "data" / "manifest.json"):
         if candidate.is_file():
             return candidate
@@ -99,7 +100,8 @@ def comparison(reports: dict[str, dict]) -> dict:
         training[name] = {
             "method": train.get("method") or (recipe.get("train") or {}).get("method"),
             "model": (recipe.get("model") or {}).get("name_or_path"),
-            "trainable_parameters": train.get("trainable_parameters"), "trainable_percent": train.get("trainable_percent"),
+            "trainable_parameters": train.get("trainable_parameters"),
+            "trainable_percent": train.get("trainable_percent"),
             "optimizer_steps": train.get("optimizer_steps"), "train_seconds": train.get("train_seconds"),
             "retention": (general.get("retention") or {}).get("worst"),
             "exports": [{"spec": f"{e['format']}:{e['quant']}", "retention": e.get("retention"),
