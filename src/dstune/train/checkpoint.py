@@ -202,6 +202,51 @@ def load_without_pickle(folder: Path, name: str):
     return _join_tensors(json.loads((folder / f"{name}.json").read_text()), tensors)
 
 
+def gathered_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Under FSDP2: the trainable weights and the optimizer state, gathered whole on rank 0's CPU (a collective)."""
+    # Every rank must call it; the others get empty dicts. peft's own save would write rank 0's shard of each weight
+    # (accelerate issue #4206).
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                   ignore_frozen_params=True))
+    if optimizer is None:
+        return weights, None
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return weights, get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def adapter_keys(model) -> dict[str, str]:
+    """The model's parameter name of each key of its saved adapter file, as peft names them when saving."""
+    from peft import get_peft_model_state_dict
+
+    own = model.state_dict()  # under FSDP2 the local shards: no communication
+    name_of = {id(tensor): name for name, tensor in own.items()}
+    saved = get_peft_model_state_dict(model, state_dict=own, adapter_name=model.active_adapter)
+    return {key: name_of[id(tensor)] for key, tensor in saved.items() if id(tensor) in name_of}
+
+
+def load_sharded(model, folder: Path, optimizer=None) -> None:
+    """Under FSDP2: load a checkpoint's adapter (and optimizer state) into the sharded model (a collective)."""
+    # peft's loader would copy whole tensors into DTensor shards; torch's state-dict API splits them across the
+    # ranks. Every rank reads the files and keeps exactly its shard of the saved values: a bit-exact resume.
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    names = adapter_keys(model)
+    missing = sorted(set(saved) - set(names))
+    if missing:
+        raise InputError(f"{folder}: adapter weight {missing[0]} has no parameter in the model")
+    set_model_state_dict(model, {names[key]: value for key, value in saved.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, load_without_pickle(folder, "optimizer"),
+                                 options=StateDictOptions(full_state_dict=True))
+
+
 def rng_states() -> dict:
     """Every random generator this process draws from: Python's, numpy's, torch's CPU and CUDA ones."""
     import random

@@ -1,0 +1,1 @@
+"""Scale-out: the memory and time planner (`dstune plan`), multi-process launches, and tensor-parallel inference."""
