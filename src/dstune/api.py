@@ -201,12 +201,16 @@ def chat(recipe, prompt: str, overrides: list[str] | None = None, model: str | P
     return chat_session(recipe, overrides, model, adapter, max_new_tokens)(prompt)
 
 
-def serve(recipe, options, engine: str = "torch", max_lora_rank: int = 16, dry_run: bool = False) -> None:
+def serve(recipe, options, engine: str = "torch", max_lora_rank: int = 16, dry_run: bool = False,
+          tensor_parallel: int = 1) -> None:
     """Serve the model over OpenAI's API (`dstune serve`): dstune's engine, or vLLM launched with the adapters."""
     from .serve import check_options
 
     recipe = _recipe(recipe)
     check_options(options)
+    if tensor_parallel != 1 and engine != "vllm":
+        raise InputError("--tp: the server shards a model through vLLM (--engine vllm --tp N, on GPUs); dstune's "
+                         "own engine serves from one process (`dstune chat|eval --tp N` run sharded on CPUs too)")
     if options.engine != "onnx":
         check_model(recipe, options.model)
     if engine == "vllm":
@@ -216,7 +220,7 @@ def serve(recipe, options, engine: str = "torch", max_lora_rank: int = 16, dry_r
         # A GGUF (the embedded default too) resolves to the Hugging Face folder dstune converted it to.
         path = resolve_model_path(str(options.model or recipe.model.name_or_path))
         command = vllm_command(recipe, options.adapters, str(path), options.host, options.port, max_lora_rank,
-                               template_file, options.max_model_len)
+                               template_file, options.max_model_len, tensor_parallel)
         tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
         template_file.parent.mkdir(parents=True, exist_ok=True)
         template_file.write_text(jinja_template(get_template(recipe.model.template, tokenizer),

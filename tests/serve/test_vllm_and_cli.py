@@ -64,7 +64,7 @@ def test_cli(tmp_path, serve_recipe, adapters, odd_adapters):
     recipe.write_text(yaml.safe_dump(serve_recipe.model_dump(mode="json")))
     alpha = str(adapters["alpha"])
     results = run_cli([
-        ["serve", str(recipe), "--engine", "vllm", "--dry-run", "--adapter", f"icd={alpha}"],
+        ["serve", str(recipe), "--engine", "vllm", "--dry-run", "--adapter", f"icd={alpha}", "--tp", "4"],
         ["serve", str(recipe), "--engine", "vllm", "--dry-run", "--adapter", f"big={odd_adapters['rank32']}"],
         ["serve", str(recipe), "--engine", "vllm", "--adapter", f"icd={alpha}"],  # vLLM is not installed here
         ["serve", str(recipe), "--adapter", f"a={alpha}", "--adapter", f"a={alpha}"],
@@ -74,14 +74,16 @@ def test_cli(tmp_path, serve_recipe, adapters, odd_adapters):
         ["serve", str(recipe), "--engine", "vllm", "--max-lora-rank", "20", "--dry-run"],
         ["serve", str(recipe), "--engine", "onnx"],
         ["serve", str(recipe), "--engine", "onnx", "--model", alpha],
+        ["serve", str(recipe), "--tp", "2"],
         ["serve", "--help"],
     ])
-    dry, big, missing, twice, absent, queue, port, rank, no_export, not_export, helped = results
+    dry, big, missing, twice, absent, queue, port, rank, no_export, not_export, torch_tp, helped = results
     assert dry.returncode == 0, dry.stderr
     command = dry.stdout.strip().splitlines()[-1].split()
     assert command[:2] == ["vllm", "serve"] and "--enable-lora" in command
     assert command[command.index("--lora-modules") + 1] == f"icd={alpha}"
     assert command[command.index("--max-lora-rank") + 1] == "16"
+    assert command[command.index("--tensor-parallel-size") + 1] == "4"  # --tp reaches vLLM
     template = command[command.index("--chat-template") + 1]
     assert "You code diagnoses." in open(template).read()
     for result, needle in ((big, "rank 32 is over --max-lora-rank 16 (pass --max-lora-rank 32)"),
@@ -89,7 +91,8 @@ def test_cli(tmp_path, serve_recipe, adapters, odd_adapters):
                            (absent, "/no/such/folder: adapter folder not found"), (queue, "--max-queue must be"),
                            (port, "not a port number"), (rank, "--max-lora-rank 20: vLLM takes one of"),
                            (no_export, "--engine onnx: --model names the ONNX export folder"),
-                           (not_export, "not an ONNX export folder (no genai_config.json)")):
+                           (not_export, "not an ONNX export folder (no genai_config.json)"),
+                           (torch_tp, "--tp: the server shards a model through vLLM")):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and needle in lines[-1] and "Traceback" not in result.stderr, result.stderr
     assert helped.returncode == 0 and "--max-queue" in helped.stdout and "429" in helped.stdout

@@ -27,6 +27,7 @@ EPILOG = """examples:
   dstune chat recipes/icd10_lora.yaml --adapter runs/icd10_lora/adapter --prompt "Acute bronchitis due to RSV"
   dstune serve recipes/icd10_lora.yaml --adapter icd10=runs/icd10_lora/adapter   # OpenAI API on 127.0.0.1:8000
   dstune board   # the web UI on 127.0.0.1:7860: recipes, runs, reports, chat, exports
+  dstune plan recipes/deepseek_r1_14b_qlora.yaml --gpu h100-80gb   # will it fit? (no weights needed)
 """
 
 
@@ -50,6 +51,26 @@ def _add_resume(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-adapter", metavar="ADAPTER",
                         help="start from this trained adapter instead of a fresh one (train.init_adapter): same "
                              "method, rank and targets; the new adapter records it as its parent")
+
+
+def _add_launch(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-process training (see docs/scale.md)")
+    group.add_argument("--launch", metavar="CONFIG",
+                       help="an accelerate config (configs/accelerate/{ddp,fsdp2,deepspeed_zero2,deepspeed_zero3}"
+                            ".yaml): start the training processes with torchrun, with the environment `accelerate "
+                            "launch` would set")
+    group.add_argument("--nproc", type=int, help="processes on this node (default: the config's num_processes / "
+                                                 "--nnodes)")
+    group.add_argument("--nnodes", type=int, default=1, help="nodes (run the same command on each; default 1)")
+    group.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0 to nnodes-1 (default 0)")
+    group.add_argument("--master-addr", help="address of node 0 (needed with --nnodes > 1)")
+    group.add_argument("--master-port", type=int, help="port on node 0 (default 29500 with --nnodes > 1)")
+
+
+def _add_tp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor parallelism: N torchrun processes on this machine, the model sharded across "
+                             "them (transformers' tp_plan=auto; gloo on CPUs, NCCL on GPUs); default 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM the run checkpoints and exits 0.")
     _add_recipe(p)
     _add_resume(p)
+    _add_launch(p)
     p = sub.add_parser("eval", help="score a model on the test split, or on one file",
                        description="Generate answers on the test split and score them with the recipe's metrics. "
                                    "Evaluates the base model unless --model or --adapter is given. With "
@@ -92,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a model directory or .gguf file instead of the recipe's base model")
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--tag", help="name of the result file under runs/<name>/eval/")
+    _add_tp(p)
     p = sub.add_parser("merge", help="merge an adapter into the base model",
                        description="Fold an adapter (lora, dora, ia3) into the base weights and save a safetensors "
                                    "HF directory.")
@@ -115,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a peft adapter folder to load on top of the model")
     p.add_argument("--prompt", help="answer this prompt and exit (otherwise read prompts from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    _add_tp(p)
     p = sub.add_parser("serve", help="an OpenAI-compatible server: the base model once, adapters chosen per request",
                        description="Serve the recipe's model over OpenAI's API (/v1/chat/completions, /v1/completions, "
                                    "/v1/models, /health, /metrics) with continuous batching. A request's `model` picks "
@@ -153,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take before it is cancelled with a 408 (default 300)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="--engine vllm: vLLM's --max-lora-rank (default 16)")
     p.add_argument("--dry-run", action="store_true", help="--engine vllm: check and print the command, do not launch")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="--engine vllm: shard the model over N GPUs (vLLM's --tensor-parallel-size; default 1)")
     p = sub.add_parser("curve", help="data efficiency: train at several sizes, against k-shot prompting",
                        description="Train the recipe with each method at each training-set size (source records, "
                                    "per stratum where data.stratify names strata), score each on the same test "
@@ -190,6 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
                                    "start and printed in the URL)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also accept this Host name (behind a reverse proxy); repeatable")
+    p = sub.add_parser("plan", help="peak memory per GPU and step time of a recipe's training, from the config alone",
+                       description="Build the recipe's model on the meta device (no weights), add its method, trace "
+                                   "one training step at its batch size and sequence length, and decompose the peak "
+                                   "memory per device: weights, adapter, gradients, optimizer states, activations "
+                                   "(with or without checkpointing), the loss head's logits chunk, and the KV cache "
+                                   "for evaluation, under DDP, ZeRO-2, FSDP2 or ZeRO-3, with expert parallelism for "
+                                   "MoE. Says whether it fits and which knob to turn if not. See docs/scale.md.",
+                       epilog="examples:\n"
+                              "  dstune plan recipes/deepseek_r1_14b_qlora.yaml --gpu h100-80gb\n"
+                              "  dstune plan recipes/deepseek_v3_lora.yaml --gpu h100-80gb --gpus 8 --nodes 8 "
+                              "--strategy fsdp2 --expert-parallel 64\n"
+                              "  dstune plan recipes/icd10_lora.yaml --cpu train.batch_size=4 data.max_length=1024",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe(p)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu", help="a GPU model, which sets its memory and bf16 peak: " + ", ".join(
+        ["a10g-24gb", "l4-24gb", "rtx4090-24gb", "l40s-48gb", "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb",
+         "b200-180gb"]))
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB (overrides --gpu's)")
+    p.add_argument("--strategy", default="auto", help="ddp | zero2 | fsdp2 | zero3 (default auto: DDP if it fits, "
+                                                      "else FSDP2)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="MoE: split the routed experts over E GPUs (default 1)")
+    p.add_argument("--config", help="a config.json or model folder to plan instead of the recipe's model, or a "
+                                    "shipped config name (deepseek-r1-distill-qwen-14b, -32b, deepseek-v2-lite, "
+                                    "deepseek-v3)")
+    p.add_argument("--cpu", action="store_true", help="plan a CPU process's resident set instead of a GPU")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="assumed share of the GPU's bf16 peak a step reaches, for the time estimate (default 0.4)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("convert-weights", help="rewrite pickle weights (.bin) as safetensors",
                        description="Load adapter_model.bin / pytorch_model*.bin (in a folder) or one weight file "
                                    "with torch's weights_only unpickler and write .safetensors next to it.")
@@ -294,10 +351,33 @@ def dispatch(args) -> int:
             max_tokens_cap=args.max_tokens_cap, max_model_len=args.max_model_len, max_body_bytes=args.max_body_bytes,
             request_timeout=args.request_timeout, engine="torch" if args.engine == "vllm" else args.engine)
         check_options(options)
+    if getattr(args, "launch", None):
+        from ..scale.launch import check_launch, launch, without_launch_options
+
+        check_launch(args.launch, recipe)  # what the config cannot do with this recipe, before any process starts
+        return launch(args.launch, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                      without_launch_options(args.argv))
+    if args.command in ("chat", "eval") and args.tp != 1:
+        from ..scale import tp
+
+        tp.check(args.tp, args.command, recipe.model.load_in_4bit, getattr(args, "prompt", None))
+        if not tp.active():  # start the ranks, each of which runs this same command
+            return tp.relaunch(args.tp, args.argv)
+        recipe = tp.quiet_other_ranks(recipe)
     if getattr(args, "adapter", None):  # a bad adapter folder fails before the model loads
         from ..tuners.methods import check_adapters
 
         check_adapters(args.adapter)
+    if args.command == "plan":  # reads a config, writes nothing
+        import json
+
+        from ..scale.plan import PlanRequest, plan_recipe
+
+        result = plan_recipe(recipe, PlanRequest(
+            gpus=args.gpus, nodes=args.nodes, gpu_memory=args.gpu_memory, gpu=args.gpu, strategy=args.strategy,
+            expert_parallel=args.expert_parallel, config=args.config, cpu=args.cpu, mfu=args.mfu))
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2) if args.json else result["table"])
+        return 0
     if not args.debug:
         library_output_to(recipe.run_dir / "dstune.log")
     from .. import api
@@ -343,7 +423,8 @@ def dispatch(args) -> int:
     elif args.command == "chat":
         _chat_loop(args, recipe)
     elif args.command == "serve":
-        api.serve(recipe, options, engine=args.engine, max_lora_rank=args.max_lora_rank, dry_run=args.dry_run)
+        api.serve(recipe, options, engine=args.engine, max_lora_rank=args.max_lora_rank, dry_run=args.dry_run,
+                  tensor_parallel=args.tp)
     return 0
 
 
@@ -355,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--tp` runs again on each rank
     # Overrides may also come after the options (`dstune export r.yaml --quant int4 export.min_retention=0.9`).
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:

@@ -262,10 +262,14 @@ def load_model(path: Path, dtype: str = "float32", trust_remote_code: bool = Fal
                                           bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_use_double_quant=True)
     _refuse_remote_code(Path(path), trust_remote_code)
     safetensors = check_weights(Path(path))  # pickles only when allowed, and after a weights_only check
+    from ..scale.tp import distributed_config
+
+    sharded = distributed_config()  # under `--tp N`: each rank loads its shard (tp_plan="auto")
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], use_safetensors=safetensors, weights_only=True,
             trust_remote_code=trust_remote_code, quantization_config=quantization,
+            **({"distributed_config": sharded} if sharded else {}),
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):

@@ -90,7 +90,7 @@ def jinja_template(template, system_prompt: str | None, tokenizer=None) -> str:
 
 
 def vllm_command(recipe, adapters: dict[str, str], model: str | None, host: str, port: int, max_lora_rank: int,
-                 template_file: Path, max_model_len: int | None = None) -> list[str]:
+                 template_file: Path, max_model_len: int | None = None, tensor_parallel: int = 1) -> list[str]:
     """The `vllm serve` command line for this recipe and these adapters, after checking each adapter."""
     if max_lora_rank not in VLLM_RANKS:
         raise InputError(f"--max-lora-rank {max_lora_rank}: vLLM takes one of {', '.join(map(str, VLLM_RANKS))}")
@@ -106,6 +106,8 @@ def vllm_command(recipe, adapters: dict[str, str], model: str | None, host: str,
         command.append("--trust-remote-code")
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
+    if tensor_parallel > 1:
+        command += ["--tensor-parallel-size", str(tensor_parallel)]
     if adapters:
         command += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(adapters)),
                     "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()]]
