@@ -37,10 +37,16 @@ def test_chat_tp2_answers_as_one_process_and_refuses_what_it_cannot(tiny_recipe,
     recipe.write_text(json.dumps(tiny_recipe()))
     prompt = ["chat", str(recipe), "--prompt", "colour of item 3", "--max-new-tokens", "6"]
     env = {"OMP_NUM_THREADS": "1"}
-    one, sharded, no_prompt, qlora = run_cli(
+    evaluate = ["eval", str(recipe)]
+    one, sharded, no_prompt, qlora, odd, scored, scored_tp = run_cli(
         [prompt, prompt + ["--tp", "2"], ["chat", str(recipe), "--tp", "2"],
-         prompt + ["--tp", "2", "model.load_in_4bit=true"]], env=env)
+         prompt + ["--tp", "2", "model.load_in_4bit=true"], prompt + ["--tp", "3"], evaluate, evaluate + ["--tp", "2"]],
+        env=env)
     assert one.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
     assert sharded.stdout == one.stdout and one.stdout.strip()  # rank 0 prints, once, the same answer
+    assert scored.returncode == 0 and scored_tp.returncode == 0, scored_tp.stderr[-2000:]
+    metrics = [line for line in scored.stdout.splitlines() if line.startswith("exact_match")]
+    assert metrics and metrics == [line for line in scored_tp.stdout.splitlines() if line.startswith("exact_match")]
+    assert "4 attention heads (2 key/value heads) do not split over 3 processes; use --tp 2" in odd.stderr
     for refused, word in ((no_prompt, "--prompt"), (qlora, "4-bit")):
         assert refused.returncode == 2 and word in refused.stderr and refused.stderr.strip().count("\n") == 0

@@ -360,7 +360,11 @@ def dispatch(args) -> int:
     if args.command in ("chat", "eval") and args.tp != 1:
         from ..scale import tp
 
-        tp.check(args.tp, args.command, recipe.model.load_in_4bit, getattr(args, "prompt", None))
+        from ..scale.plan import load_model_config
+
+        config = load_model_config(args.model or recipe.model.name_or_path,
+                                   trust_remote_code=recipe.model.trust_remote_code)
+        tp.check(args.tp, args.command, recipe.model.load_in_4bit, getattr(args, "prompt", None), config)
         if not tp.active():  # start the ranks, each of which runs this same command
             return tp.relaunch(args.tp, args.argv)
         recipe = tp.quiet_other_ranks(recipe)

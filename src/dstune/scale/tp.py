@@ -43,10 +43,17 @@ def distributed_config():
     return DistributedConfig(tp_plan="auto")
 
 
-def check(tp: int, command: str, load_in_4bit: bool, prompt: str | None) -> None:
-    """One line for what `--tp` cannot do here, before any process starts."""
+def check(tp: int, command: str, load_in_4bit: bool, prompt: str | None, config=None) -> None:
+    """One line for what `--tp` cannot do here, before any process starts (`config`: the model's, to split)."""
     if tp < 1:
         raise InputError("--tp: must be at least 1")
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads and (heads % tp or kv_heads % tp):
+        fits = [n for n in range(2, heads + 1) if heads % n == 0 and kv_heads % n == 0]
+        raise InputError(f"--tp {tp}: the model's {heads} attention heads ({kv_heads} key/value heads) do not split "
+                         f"over {tp} processes; " + (f"use --tp {' or '.join(map(str, fits[:3]))}" if fits
+                                                      else "this model cannot be sharded by heads"))
     if tp > 1 and load_in_4bit:
         raise InputError("--tp: a 4-bit (QLoRA) base cannot be sharded by transformers' tensor parallelism; "
                          "set model.load_in_4bit=false or drop --tp")
@@ -66,8 +73,12 @@ def relaunch(tp: int, argv: list[str]) -> int:
 
 
 def quiet_other_ranks(recipe):
-    """On ranks > 0: no output, and the run folder in a temporary place (rank 0 writes the real one)."""
-    if not active() or rank() == 0:
+    """The recipe each rank runs: no generation cache (a fingerprint would read every rank's shard), and on ranks
+    > 0 no output and the run folder in a temporary place (rank 0 writes the real one)."""
+    if not active():
+        return recipe
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"cache": False})})
+    if rank() == 0:
         return recipe
     sys.stdout = open(os.devnull, "w")
     scratch = Path(tempfile.mkdtemp(prefix=f"dstune-tp-rank{rank()}-"))
