@@ -37,6 +37,9 @@ SMOKES = {
     "few_shot": ([], True, {"benchmark", "mode", "machine", "settings", "curve", "goals"}),
     "board": ([], True, {"benchmark", "mode", "machine", "settings", "page_load_ms", "tensorboard_page_load_ms",
                          "curve_delay_ms", "ratios"}),
+    "plan_memory": ([], True, {"benchmark", "mode", "machine", "cpu_heap_overhead", "rows", "goal_met"}),
+    "gpu_scale": ([], False, {"benchmark", "mode", "device", "libraries", "qlora_14b", "fsdp2_qlora",
+                              "deepspeed_zero3"}),
     "serve": (["--concurrency", "1,4"], True, {"benchmark", "mode", "machine", "settings", "quality", "medians",
                                               "ratios", "goals", "runs"}),
 }
@@ -154,6 +157,21 @@ def check_data_checks(result: dict) -> None:
     assert result["dedup_medians"]["dstune"]["records_per_s"] > 0
 
 
+def check_plan_memory(result: dict) -> None:
+    assert [r["role"] for r in result["rows"]] == ["calibration", "check", "check"]
+    assert all(r["measured"]["rise_mb"] > 0 and r["predicted"]["rise_mb"] > 0 for r in result["rows"])
+    assert {"activations", "loss_head", "optimizer"} <= set(result["rows"][0]["predicted"]["parts_mb"])
+
+
+def check_gpu_scale(result: dict) -> None:
+    qlora = result["qlora_14b"]
+    if "skipped" not in qlora:  # bitsandbytes' CPU backend: the 4-bit model trains, and the planner ran
+        assert qlora["losses_finite"] and qlora["predicted_peak_allocated_gb"] > 0 and qlora["mfu"] > 0
+        assert qlora["trainable"] > 0
+    # FSDP2's fully_shard drops bitsandbytes' quant_state (axolotl #2992): dstune refuses FSDP2 with a 4-bit base.
+    assert "skipped" in result["fsdp2_qlora"] or result["fsdp2_qlora"]["ok"] is False
+
+
 def check_board(result: dict) -> None:
     steps = result["settings"]["logged_steps"]
     # Every logged step was seen on the board's page and at TensorBoard's API, each after it was logged.
@@ -163,5 +181,5 @@ def check_board(result: dict) -> None:
     assert all(stats["n"] == result["settings"]["repetitions"] for stats in result["page_load_ms"].values())
 
 
-CHECKS = {"board": check_board, "train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
+CHECKS = {"plan_memory": check_plan_memory, "gpu_scale": check_gpu_scale, "board": check_board, "train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
           "data_checks": check_data_checks, "few_shot": check_few_shot}

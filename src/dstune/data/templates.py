@@ -78,6 +78,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate("chatml", _chatml, "<|im_end|>"),
     "qwen2": ChatTemplate("qwen2", _chatml, "<|im_end|>"),
     "deepseek-r1": ChatTemplate("deepseek-r1", _deepseek_r1, "<｜end▁of▁sentence｜>"),
+    # DeepSeek-V2/V3 chat: the same turns as R1, whose targets simply carry no <think> block.
+    "deepseek-v3": ChatTemplate("deepseek-v3", _deepseek_r1, "<｜end▁of▁sentence｜>"),
     "llama3": ChatTemplate("llama3", _llama3, "<|eot_id|>"),
 }
 

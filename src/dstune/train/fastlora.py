@@ -114,7 +114,9 @@ def _fused_class():
             """The adapter to fuse, or None where peft's own forward must run."""
             if args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled():
                 return None
-            if torch.is_autocast_enabled(x.device.type) or len(self.active_adapters) != 1:
+            # (A meta-device trace, as the memory planner runs, has no autocast to ask about.)
+            autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+            if autocast or len(self.active_adapters) != 1:
                 return None
             adapter = self.active_adapters[0]
             if adapter not in self.lora_A or adapter in self.lora_variant or self.fan_in_fan_out:
