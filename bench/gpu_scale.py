@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from gpu_train import gemm_peak, sync  # noqa: E402  (the GEMM ceiling and the sync of gpu_train.py)
+
 RECIPE = ROOT / "recipes" / "deepseek_r1_14b_qlora.yaml"
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1000}
@@ -89,23 +91,6 @@ def quantized_random_model(config, device: str, dtype: torch.dtype):
     return model
 
 
-def gemm_peak(device: str, dtype: torch.dtype, size: int) -> float:
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    sync(device)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times[1:])
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def qlora_step_memory(args, device: str, dtype: torch.dtype) -> dict:
     """Peak allocated memory and MFU of QLoRA training steps, beside the planner's prediction."""
     from dstune.config import load_recipe
@@ -146,7 +131,7 @@ def qlora_step_memory(args, device: str, dtype: torch.dtype) -> dict:
         times.append(time.perf_counter() - begin)
     measured = torch.cuda.max_memory_allocated() if device == "cuda" else None
     step = statistics.median(times[1:] if len(times) > 1 else times)
-    peak = gemm_peak(device, dtype, 8192 if device == "cuda" else 256)
+    peak = gemm_peak(device, dtype)
     return {"model": "DeepSeek-R1-Distill-Qwen-14B shape" if not args.smoke else "tiny Qwen2",
             "parameters": predicted.parameters, "trainable": predicted.trainable, "tokens": seq,
             "load_seconds": load_seconds, "step_seconds": step,

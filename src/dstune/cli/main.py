@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import DstuneError
+from ..scale import GPUS
 from .resources import resource_message
 
 EPILOG = """examples:
@@ -232,9 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpu", help="a GPU model, which sets its memory and bf16 peak: " + ", ".join(
-        ["a10g-24gb", "l4-24gb", "rtx4090-24gb", "l40s-48gb", "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb",
-         "b200-180gb"]))
+    p.add_argument("--gpu", help="a GPU model, which sets its memory and bf16 peak: " + ", ".join(GPUS))
     p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB (overrides --gpu's)")
     p.add_argument("--strategy", default="auto", help="ddp | zero2 | fsdp2 | zero3 (default auto: DDP if it fits, "
                                                       "else FSDP2)")
@@ -359,7 +358,6 @@ def dispatch(args) -> int:
                       without_launch_options(args.argv))
     if args.command in ("chat", "eval") and args.tp != 1:
         from ..scale import tp
-
         from ..scale.plan import load_model_config
 
         config = load_model_config(args.model or recipe.model.name_or_path,

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from . import GPUS
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits, an 8-bit absmax per 64, an fp32 scale per 256 absmaxes
@@ -53,12 +54,6 @@ CPU_HEAP_OVERHEAD = 1.59
 # slack), as commonly measured on A100/H100 with PyTorch 2.x.
 CUDA_OVERHEAD = 1.5e9
 STRATEGIES = ("ddp", "zero2", "fsdp2", "zero3")
-# Memory (GB) and dense bf16 peak (TFLOP/s) of common training GPUs, from the vendors' data sheets.
-GPUS = {
-    "a10g-24gb": (24, 125), "l4-24gb": (24, 121), "rtx4090-24gb": (24, 165), "l40s-48gb": (48, 362),
-    "a100-40gb": (40, 312), "a100-80gb": (80, 312), "h100-80gb": (80, 989), "h200-141gb": (141, 989),
-    "b200-180gb": (180, 2250),
-}
 
 
 def parse_bytes(text: str, key: str = "--gpu-memory") -> float:
