@@ -68,7 +68,9 @@ def check_export(recipe: Recipe) -> None:
 
 
 def check_train(recipe: Recipe) -> None:
-    """The adapter a run continues (train.init_adapter) is an adapter folder with safetensors weights."""
+    """The adapter a run continues (train.init_adapter) is an adapter folder with safetensors weights, and the
+    objective's own checks pass."""
+    from .plugins import OBJECTIVES
     from .tuners.methods import check_adapter_dir
 
     if recipe.train.init_adapter:
@@ -76,6 +78,7 @@ def check_train(recipe: Recipe) -> None:
             check_adapter_dir(Path(recipe.train.init_adapter))
         except InputError as exc:
             raise InputError(f"train.init_adapter: {exc}") from None
+    OBJECTIVES[recipe.train.objective].check(recipe.train.options(recipe.train.objective), recipe)
 
 
 def check_recipe(recipe: Recipe, data: bool = True, model: str | Path | None = None) -> None:

@@ -37,6 +37,7 @@ SMOKES = {
     "few_shot": ([], True, {"benchmark", "mode", "machine", "settings", "curve", "goals"}),
     "board": ([], True, {"benchmark", "mode", "machine", "settings", "page_load_ms", "tensorboard_page_load_ms",
                          "curve_delay_ms", "ratios"}),
+    "continual": ([], True, {"benchmark", "mode", "machine", "settings", "base", "runs"}),
     "plan_memory": ([], True, {"benchmark", "mode", "machine", "cpu_heap_overhead", "rows", "goal_met"}),
     "gpu_scale": ([], False, {"benchmark", "mode", "device", "libraries", "qlora_14b", "fsdp2_qlora",
                               "deepspeed_zero3"}),
@@ -106,6 +107,20 @@ def check_train_speed(result: dict) -> None:
         ratios = result["comparison"]["icd10"]
         assert set(ratios) == {"new_over_old", "new_over_hf"}
         assert set(ratios["new_over_old"]) == {"supervised_tokens_per_second", "peak_rss_mb", "dev_loss"}
+
+
+def check_continual(result: dict) -> None:
+    runs = {r["control"]: r for r in result["runs"]}
+    assert set(runs) == {"naive", "replay", "kl", "olora", "ewc", "kl+replay"}
+    for run in runs.values():  # every chapter scored after every stage
+        assert [len(row) for row in run["matrix"]] == [3, 3, 3] and len(run["stages"]) == 3
+    # O-LoRA's adapter grows by the recipe's rank each stage; the KL anchor and EWC ran
+    sizes = [s["trainable_parameters"] for s in runs["olora"]["stages"]]
+    assert sizes == [sizes[0], 2 * sizes[0], 3 * sizes[0]]
+    ranks = [s["objective_summary"].get("orthogonal", {}).get("rank") for s in runs["olora"]["stages"]]
+    assert ranks[0] is None and ranks[2] == 2 * ranks[1]
+    assert runs["kl"]["stages"][0]["objective_summary"]["kl_anchor"]["sequences"] > 0
+    assert [s["objective_summary"]["ewc"]["from_parent"] for s in runs["ewc"]["stages"]] == [False, True, True]
 
 
 def check_few_shot(result: dict) -> None:
@@ -182,4 +197,4 @@ def check_board(result: dict) -> None:
 
 
 CHECKS = {"plan_memory": check_plan_memory, "gpu_scale": check_gpu_scale, "board": check_board, "train_speed": check_train_speed, "serve": check_serve, "methods": check_methods, "qat": check_qat, "decode": check_decode,
-          "data_checks": check_data_checks, "few_shot": check_few_shot}
+          "data_checks": check_data_checks, "few_shot": check_few_shot, "continual": check_continual}

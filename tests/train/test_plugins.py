@@ -14,8 +14,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import yaml
-from cli_runner import shared_runner
 from safetensors.torch import load_file
 
 from dstune.train.checkpoint import latest_checkpoint
@@ -23,8 +21,6 @@ from dstune.train.events import read_events
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_steps": 2, "eval_steps": 0, "learning_rate": 1e-2,
-         "logging_steps": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
 CASES = {
     "two_loss": {"method": "last_layers_lora", "objective": "two_loss", "packing": False, "last_layers_lora": {"r": 4},
                  "two_loss": {"shared": "lora_B", "weight_lr": 0.2}},
@@ -32,27 +28,6 @@ CASES = {
     "dp_noise": {"objective": "dp_noise", "packing": False, "dp_noise": {"clip": 0.05, "sigma": 0.5, "seed": 3}},
     "distill": {"objective": "distill", "distill": {"alpha": 1.0}},
 }
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_model_dirs):
-    root = tmp_path_factory.mktemp("plugins")
-    words = ["red", "green", "blue", "cat", "dog", "sun"]
-    train = root / "train.jsonl"
-    # Lengths vary, so that a length-ordered curriculum is visible in the sample order.
-    train.write_text("".join(json.dumps({"instruction": "say " + " ".join([words[i % 6]] * (1 + i % 4)),
-                                         "output": words[i % 6]}) + "\n" for i in range(16)))
-
-    def recipe(name: str, **train_section) -> Path:
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "name": name, "output_dir": str(root / "runs"), "model": {"name_or_path": str(tiny_model_dirs["llama"])},
-            "data": {"source": "files", "train_file": str(train), "max_length": 64},
-            "train": {**TRAIN, **train_section}, "eval": {"cache": False},
-        }))
-        return path
-
-    return {"root": root, "recipe": recipe, "run": shared_runner()}
 
 
 def outcome(run_dir: Path) -> dict:

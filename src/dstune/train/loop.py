@@ -338,7 +338,6 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     model = add_method(model, cfg)
     method.before_training(model, method_options, train_set, recipe.data.max_length)
     parent = load_initial_adapter(model, cfg.init_adapter) if cfg.init_adapter else None
-    trainable, total = model.get_nb_trainable_parameters()
     qat = cfg.qat
     # QAT replaces the fused path on the layers it covers: its forward uses the fake-quantized merged weight.
     qat_layers = enable_qat(model, qat.scheme, qat.group_size) if qat else 0
@@ -355,6 +354,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
     objective = OBJECTIVES[cfg.objective](cfg.options(cfg.objective),
                                           TrainContext(recipe, tokenizer, model, accelerator, train_set, run_dir))
     objective.setup()
+    trainable, total = model.get_nb_trainable_parameters()  # after the objective: O-LoRA grows the adapter
     set_seed(cfg.seed)  # everything after draws from here: data order, dropout masks
 
     # --- setup: data loaders, optimizer, schedule ---
@@ -619,6 +619,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         else:
             method.restore(unwrapped, best, trainable=False)
     method.on_train_end(unwrapped, method_options)
+    objective.on_train_end(unwrapped, adapter_dir)
 
     # --- save ---
     steps_done = state.global_step - (ckpt.step_of(resume_from) if resume_from else 0)
@@ -629,6 +630,7 @@ def train(recipe: Recipe, data_dir: Path | None = None, resume: bool | str | Pat
         "base_model": str(model_path),
         "method": cfg.method,
         "objective": cfg.objective,
+        "objective_summary": objective.summary(),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_percent": round(100 * trainable / total, 4),

@@ -13,6 +13,7 @@ An objective is one module that defines an `Objective` subclass and registers it
 and a recipe selects it with `train.objective: my_objective`. The loop (dstune.train.loop) makes one instance per
 run and calls, in this order:
 
+    check(options, recipe)                    (a classmethod) in the preflight, before any stage: one-line errors
     setup()                                   once, after the adapter is added, before the optimizer exists
     parameter_groups()                        extra trainable parameters and their optimizer settings
     sampler(lengths, batch_size, seed)        the training order, or None for a seeded shuffle per epoch
@@ -23,6 +24,8 @@ run and calls, in this order:
         per micro-batch: count(batch); loss(model, batch); before_backward(output, scale); backward(loss, ...)
         on_step_end(step) -> extra logs
     state_dict()                              at every checkpoint: saved without pickle, so resume is exact
+    on_train_end(model, adapter_dir)          after the best weights are restored, before the adapter is saved
+    summary()                                 what the run's manifest records under "objective_summary"
 
 Losses are sums: the loop divides by the number of supervised tokens in the whole accumulated step on every rank
 (`count`), so gradient accumulation and data parallelism give the gradient of one big batch.
@@ -67,6 +70,10 @@ class Objective:
         self.config = options
         self.context = context
 
+    @classmethod
+    def check(cls, options, recipe) -> None:
+        """Before any stage runs: raise InputError for what the recipe alone shows is wrong (files, combinations)."""
+
     def setup(self) -> None:
         """Once, before the optimizer is built: load a frozen second model, create extra parameters, ..."""
 
@@ -108,6 +115,13 @@ class Objective:
 
     def on_step_end(self, step: int) -> dict[str, float]:
         """After the optimizer step `step` (1-based); returns extra values to log."""
+        return {}
+
+    def on_train_end(self, model, adapter_dir: Path) -> None:
+        """On every rank, with the final weights: write what a later run needs beside the adapter (main rank)."""
+
+    def summary(self) -> dict:
+        """What the adapter's manifest (dstune_train.json) records of this objective, e.g. where it started."""
         return {}
 
     def state_dict(self) -> dict:
