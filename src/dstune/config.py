@@ -98,7 +98,8 @@ class ReplayConfig(StrictModel):
 
     # Replay records per domain training record, not counting augmented copies (0.1 adds 10% as many); 0 is off.
     ratio: float = Field(0.0, ge=0.0)
-    # A file or folder of general records; None: the general set that ships with dstune (docs/data.md).
+    # A file or folder of general records; None: the replay part of the general set that ships with dstune
+    # (docs/data.md), never the held-out part that tier 1 scores.
     file: str | None = None
 
 
@@ -270,16 +271,18 @@ class GeneralEvalConfig(StrictModel):
     """Tier 1, general capability kept: general exact match and perplexity, base vs tuned."""
 
     enabled: bool = False
-    # General instruction records (any record form); None: the set that ships with dstune.
+    # General instruction records (any record form); None: the held-out questions that ship with dstune, which
+    # replay and the KL anchor never read.
     file: str | None = None
-    # General text for perplexity; None: the text that ships with dstune (English and Chinese).
+    # General text for perplexity; None: the held-out prose that ships with dstune (English and Chinese).
     text_file: str | None = None
-    # An even spread of this many records (the shipped set has 400).
-    max_samples: int | None = Field(200, ge=1)
+    # An even spread of this many records; None: all of them (the shipped held-out set has 633).
+    max_samples: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     # Scores the general answers; contains_answer suits chatty base models ("The capital is Paris.").
     metric: str = "contains_answer"
-    # The gate: the run fails with exit code 3 when a retention (tuned / base) falls below this...
+    # The gate: the run fails with exit code 3 when a retention (tuned / base; its point estimate, not its CI) falls
+    # below this...
     min_retention: float | None = Field(None, gt=0.0)
     # ...or, with warn, says so in the report and on stderr and still succeeds.
     on_fail: Literal["error", "warn"] = "error"

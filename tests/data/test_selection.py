@@ -8,7 +8,7 @@ import pytest
 
 from dstune import api
 from dstune.config import load_recipe
-from dstune.data.build import GENERAL_SET
+from dstune.data.build import GENERAL_SET, GENERAL_TEST
 from dstune.data.domain import domain_scores
 from dstune.data.formats import read_samples
 
@@ -83,7 +83,10 @@ def test_replay_mixes_general_records_with_balanced_books(tiny_recipe, tmp_path)
     assert books["train"]["added"] == {"replay": 8} and books["train"]["kept"] == 16
     assert books["replay"]["kept"] == 8
     assert books["replay"]["input"] == 8 + sum(books["replay"]["dropped"].values())
-    assert books["replay"]["input"] == sum(1 for _ in GENERAL_SET.open())
+    # By default the replay part of the shipped set, never the held-out tier-1 questions.
+    assert manifest["replay"]["file"] == str(GENERAL_SET) and books["replay"]["input"] == sum(1 for _ in GENERAL_SET.open())
+    heldout = {r["messages"][0]["content"] for r in read_samples(GENERAL_TEST)}
+    assert not {r["messages"][0]["content"] for r in replayed} & heldout
 
 
 def test_report_html_has_plots_and_length_stats(tiny_recipe):

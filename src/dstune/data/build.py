@@ -29,9 +29,13 @@ from .sources import build_source, file_samples
 from .stratify import stratify_train
 
 SPLITS = ("train", "dev", "test")
-# The general set and text that ship with dstune (replay here, tier-1 evaluation in dstune.evaluate.general).
+# The general data that ships with dstune (scripts/make_general_set.py), in two parts that share nothing. Replay
+# here and the KL anchor read the replay part; the tier-1 evaluation (dstune.evaluate.general) reads the held-out one.
 GENERAL_DIR = Path(__file__).parent / "general"
-GENERAL_SET = GENERAL_DIR / "general.jsonl"
+GENERAL_SET = GENERAL_DIR / "general.jsonl"  # replay / anchor questions
+GENERAL_TEXT = GENERAL_DIR / "general_text.txt"  # anchor prose
+GENERAL_TEST = GENERAL_DIR / "general_test.jsonl"  # held-out tier-1 questions
+GENERAL_TEST_TEXT = GENERAL_DIR / "general_test_text.txt"  # held-out tier-1 prose, for perplexity
 
 
 def with_system_prompt(record: dict, system_prompt: str | None) -> dict:

@@ -25,12 +25,12 @@ def cpu_name() -> str:
 
 
 def _tiers(result: dict | None) -> dict | None:
-    """The tier-1 and tier-3 figures of one evaluation, without the per-sample lists."""
+    """The tier-1 and tier-3 figures of one evaluation, without the per-sample (and per-window) lists."""
     if not result:
         return None
     out = {}
     if "general" in result:
-        out["general"] = {k: v for k, v in result["general"].items() if k != "predictions"}
+        out["general"] = {k: v for k, v in result["general"].items() if k not in ("predictions", "perplexity_windows")}
     if "checks" in result:
         out["checks"] = {k: v for k, v in result["checks"].items() if k not in ("completed", "failures")}
     return out
@@ -155,7 +155,7 @@ def _with_ci(value, ci) -> str:
 
 
 def metrics_table(report: dict) -> str:
-    """Markdown tables of the three tiers, base vs tuned (domain metrics with 95% CIs and a paired test)."""
+    """Markdown tables of the three tiers, base vs tuned (95% CIs; domain metrics with a paired test)."""
     lines = ["| tier 2: domain metric | base [95% CI] | tuned [95% CI] | delta | paired bootstrap |",
              "|---|---|---|---|---|"]
     for name, row in report["metrics"].items():
@@ -173,12 +173,12 @@ def metrics_table(report: dict) -> str:
         verdict = "no gate" if gate is None else ("passed" if gate else "FAILED")
         if gate is False and r.get("on_fail") == "warn":
             verdict += " (warning only: eval.general.on_fail=warn)"
-        lines += ["", "| tier 1: general | base | tuned | retention |", "|---|---|---|---|",
-                  f"| {b.get('metric', 'exact_match')} ({b.get('samples', '-')} questions) | {_fmt(b.get('accuracy'))} | "
-                  f"{_fmt(t.get('accuracy'))} | {_fmt(r.get('accuracy'))} |",
-                  f"| perplexity ({b.get('perplexity_tokens', '-')} tokens) | {_fmt(b.get('perplexity'))} | "
-                  f"{_fmt(t.get('perplexity'))} | {_fmt(r.get('perplexity'))} |",
-                  "", f"General retention gate (min {_fmt(r.get('min_retention'))}): {verdict}, "
+        lines += ["", "| tier 1: general | base [95% CI] | tuned [95% CI] | retention [95% CI] |", "|---|---|---|---|"]
+        for name, label in (("accuracy", f"{b.get('metric', 'exact_match')} ({b.get('samples', '-')} questions)"),
+                            ("perplexity", f"perplexity ({b.get('perplexity_tokens', '-')} tokens)")):
+            lines.append(f"| {label} | {_with_ci(b.get(name), b.get(f'{name}_ci'))} | "
+                         f"{_with_ci(t.get(name), t.get(f'{name}_ci'))} | {_with_ci(r.get(name), r.get(f'{name}_ci'))} |")
+        lines += ["", f"General retention gate (min {_fmt(r.get('min_retention'))}, on the point estimates): {verdict}, "
                       f"worst retention {_fmt(r.get('worst'))}."]
     checks = report.get("checks") or {}
     if checks.get("base") or checks.get("tuned"):
@@ -280,7 +280,7 @@ def _cell(text) -> str:
 
 
 def report_pngs(report: dict) -> dict[str, bytes]:
-    """Plots: loss curves, base vs tuned metrics with 95% CIs, the general retention gate."""
+    """Plots: loss curves, base vs tuned metrics with 95% CIs, the general retention gate (with 95% CIs)."""
     plt = pyplot()
     pngs = {}
     training = report.get("training") or {}
@@ -321,12 +321,14 @@ def report_pngs(report: dict) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         kinds = [k for k in ("accuracy", "perplexity") if retention.get(k) is not None]
         floor = retention.get("min_retention") or 0.0
-        ax.bar(kinds, [retention[k] for k in kinds],
+        cis = [retention.get(f"{k}_ci") or [retention[k], retention[k]] for k in kinds]
+        errors = [[retention[k] - c[0] for k, c in zip(kinds, cis)], [c[1] - retention[k] for k, c in zip(kinds, cis)]]
+        ax.bar(kinds, [retention[k] for k in kinds], yerr=errors, capsize=4,
                color=["tab:green" if retention[k] >= floor else "tab:red" for k in kinds])
         if retention.get("min_retention"):
             ax.axhline(retention["min_retention"], color="k", linestyle="--", label=f"gate {retention['min_retention']}")
             ax.legend()
-        ax.set(ylabel="tuned / base (perplexity: base / tuned)", title="General ability retention")
+        ax.set(ylabel="tuned / base (perplexity: base / tuned), 95% CI", title="General ability retention")
         pngs["retention"] = figure_png(fig)
     exports = report.get("exports") or []
     if exports:

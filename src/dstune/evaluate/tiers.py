@@ -1,7 +1,7 @@
 """The three evaluation tiers of one model, and base vs tuned: what `dstune eval` and `dstune run` report.
 
-Tier 1: general capability kept (evaluate.general). Tier 2: domain metrics with bootstrap CIs. Tier 3: business
-end-to-end checks (evaluate.checks). Every model is scored on the same records with the same decoding, so any
+Tier 1: general capability kept (evaluate.general). Tier 2: domain metrics. Both with bootstrap CIs. Tier 3:
+business end-to-end checks (evaluate.checks). Every model is scored on the same records with the same decoding, so any
 two results (base, tuned, merged, an export) compare sample by sample.
 """
 
@@ -38,7 +38,7 @@ def evaluate_tiers(recipe, model, tokenizer, records: list[dict], progress: str 
         result["checks"] = run_checks(checks, answers, records)
     if options.general.enabled:
         result["general"] = general_eval(model, tokenizer, template, options.general, options.batch_size,
-                                         f"{progress} general" if progress else None, cache)
+                                         f"{progress} general" if progress else None, cache, options.bootstrap_samples)
     return result
 
 
@@ -96,6 +96,6 @@ def compare(base: dict, tuned: dict, recipe) -> dict:
         out["completion_rate"] = {"base": base["checks"]["completion_rate"],
                                   "tuned": tuned["checks"]["completion_rate"]}
     if "general" in base and "general" in tuned:
-        out["retention"] = {**retention(base["general"], tuned["general"], options.general.min_retention),
-                            "on_fail": options.general.on_fail}
+        out["retention"] = {**retention(base["general"], tuned["general"], options.general.min_retention,
+                                        options.bootstrap_samples), "on_fail": options.general.on_fail}
     return out

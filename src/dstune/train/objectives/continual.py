@@ -236,7 +236,7 @@ class Continual(Objective):
     # ------------------------------------------------------------------ setup helpers
     def _anchor_logits(self):
         """The reference's top-k on the anchor records and prose (base: adapter off; start: as loaded)."""
-        from ...data.build import GENERAL_DIR, GENERAL_SET
+        from ...data.build import GENERAL_SET, GENERAL_TEXT
         from ...data.formats import read_samples
         from ...data.templates import get_template
         from ..logit_cache import TopKLogits
@@ -250,7 +250,7 @@ class Continual(Objective):
         samples = [(encode_text(tokenizer, r["text"], str(r["id"]), max_length) if "text" in r else
                     encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length)).input_ids
                    for r in read_samples(options.file or GENERAL_SET)]
-        text_file = GENERAL_DIR / "general_text.txt" if options.text_file is None else options.text_file
+        text_file = GENERAL_TEXT if options.text_file is None else options.text_file
         if text_file:
             text = Path(text_file).read_text(encoding="utf-8")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
