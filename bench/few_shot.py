@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
     work = smoke_dir("few-shot") if args.smoke else Path(tempfile.mkdtemp(prefix="dstune-bench-few-shot-"))
     # Fresh answers only: an answer from the generation cache has no time per answer.
-    overrides = [f"output_dir={work}", "name=few_shot", "eval.cache=false"]
+    overrides = [f"output_dir={work}", "name=few_shot", "eval.cache=false", "train.objective=sft"]
     if args.smoke:
         overrides += [f"model.name_or_path={smoke_model(work, args.model)}", *smoke_data(work / "smoke-data"),
                       "train.batch_size=4", "train.max_dev_samples=4", "train.eval_steps=2", "eval.bootstrap_samples=50",

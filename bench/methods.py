@@ -43,6 +43,7 @@ METHODS: dict[str, list[str]] = {
 def common_overrides(work: Path, steps: int, dev: int, model: str | None = None) -> list[str]:
     smoke = [f"model.name_or_path={model}", "train.batch_size=4"] if model else []
     return [f"output_dir={work}", f"train.max_steps={steps}", "train.eval_steps=0", "train.logging_steps=1",
+            "train.objective=sft",
             f"train.max_dev_samples={dev}", *smoke]
 
 

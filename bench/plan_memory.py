@@ -43,7 +43,7 @@ SMOKE_SETTINGS = [(2, 32, False), (2, 64, True)]
 
 
 def overrides(batch: int, seq: int, checkpointing: bool) -> list[str]:
-    return [f"train.batch_size={batch}", f"data.max_length={seq}", "train.packing=false",
+    return ["train.objective=sft", f"train.batch_size={batch}", f"data.max_length={seq}", "train.packing=false",
             f"train.gradient_checkpointing={str(checkpointing).lower()}"]
 
 

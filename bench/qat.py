@@ -45,7 +45,7 @@ VARIANTS = {
 }
 EXPORTS = {"int8": "torchao:int8", "int4": "onnx:int4"}
 OUT = "bench/results/qat.json"
-COMMON = ["train.lora.dropout=0", "eval.general.enabled=false", "export.formats=[]", "export.min_retention=0.01"]
+COMMON = ["train.objective=sft", "train.lora.dropout=0", "eval.general.enabled=false", "export.formats=[]", "export.min_retention=0.01"]
 # --smoke: the variants and exports it runs, and its recipe overrides (besides the model and the output folder).
 SMOKE_VARIANTS = ["ptq", "qat-int8"]
 SMOKE_EXPORTS = {"int8": EXPORTS["int8"]}

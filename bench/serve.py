@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1 if args.smoke else 2)
     work = smoke_dir("serve") if args.smoke else Path(tempfile.mkdtemp(prefix="dstune-bench-serve-"))
-    overrides = [f"output_dir={work}"]
+    overrides = [f"output_dir={work}", "train.objective=sft"]
     if args.smoke:
         overrides.append(f"model.name_or_path={smoke_model(work, args.model)}")
     recipe = load_recipe(RECIPE, overrides)

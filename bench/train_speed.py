@@ -255,6 +255,7 @@ def recipe_for(dataset: str, work: Path, side: str, steps: int, smoke: bool = Fa
     spec = dataset_spec(dataset, smoke)
     overrides = [f"name=bench_{side.replace('@', '_')}", f"output_dir={work}", f"train.max_steps={steps}",
                  "train.eval_steps=0", "train.logging_steps=1", f"train.batch_size={spec['batch_size']}",
+                 "train.objective=sft",
                  f"data.max_length={spec['max_length']}", *VARIANTS.get(side, [])]
     if model:
         overrides.append(f"model.name_or_path={model}")

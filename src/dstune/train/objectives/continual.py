@@ -15,7 +15,8 @@ step's token-mean cross-entropy.
 - **KL anchor** (LwF / KL-anchor): on general records and prose (by default the replay part of the shipped general
   set, never the tier-1 test part), KL(reference || model) of the next-token distributions, with the reference's
   top-k log-probabilities computed once (dstune.train.logit_cache). The reference is the base model (adapter off)
-  or the starting model (`reference: start`, the adapter of train.init_adapter). One anchor batch per micro-batch.
+  or the starting model (`reference: start`, the adapter of train.init_adapter). One anchor batch every `every`
+  micro-batches (the term scaled by `every`).
 - **EWC** (Kirkpatrick et al. 2017, online as Schwarz et al. 2018): (weight / 2) * sum F * (theta - theta*)^2 over
   the adapter's trainable parameters, theta* the starting adapter. F is the *empirical* Fisher: squared gradients of
   each sample's token-mean log-likelihood of its own labels (not of tokens sampled from the model), averaged over
@@ -61,8 +62,10 @@ class KLAnchorOptions(StrictModel):
     text_file: str | None = None
     # How many of the reference's most likely tokens are kept per position (the rest is one bucket).
     top_k: int = Field(32, ge=1)
-    # Anchor sequences per micro-batch.
+    # Anchor sequences per anchored micro-batch.
     batch_size: int = Field(4, ge=1)
+    # Anchor every n-th training micro-batch, with the term scaled by n (the same weight on average, 1/n the cost).
+    every: int = Field(1, ge=1)
     # None: data.max_length.
     max_length: int | None = Field(None, ge=2)
 
@@ -136,7 +139,8 @@ class Continual(Objective):
         recipe, model = self.context.recipe, self.context.model
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.anchor = self._anchor_logits() if self.config.kl.weight > 0 else None
-        self.cursor = 0
+        self.cursor = 0  # anchor sequences used so far
+        self.micro_batches = 0  # training micro-batches so far
         self.ewc = self._ewc_parent() if self.config.ewc.weight > 0 and recipe.train.init_adapter else None
         self.frozen: list[tuple[torch.nn.Parameter, torch.Tensor, int, int]] = []
         self.blocks: list[tuple[torch.nn.Parameter, int]] = []
@@ -147,10 +151,13 @@ class Continual(Objective):
     # ------------------------------------------------------------------ the loss
     def loss(self, model, batch):
         loss, count = supervised_lm_loss(model, batch)
+        if not model.training:  # the dev loss is the task's own
+            return LossOutput(loss)
         logs = {}
-        if self.anchor is not None:
+        self.micro_batches += 1
+        if self.anchor is not None and (self.micro_batches - 1) % self.config.kl.every == 0:
             kl = self.anchor_kl(model) * self.config.kl.weight
-            loss, logs["kl_anchor"] = loss + kl * count, kl.detach() * count
+            loss, logs["kl_anchor"] = loss + kl * count * self.config.kl.every, kl.detach() * count
         if self.ewc is not None:
             penalty = self.ewc_penalty() * self.config.ewc.weight / 2
             loss, logs["ewc"] = loss + penalty * count, penalty.detach() * count
@@ -228,10 +235,10 @@ class Continual(Objective):
         return out
 
     def state_dict(self):
-        return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "micro_batches": self.micro_batches}
 
     def load_state_dict(self, state):
-        self.cursor = int(state["cursor"])
+        self.cursor, self.micro_batches = int(state["cursor"]), int(state["micro_batches"])
 
     # ------------------------------------------------------------------ setup helpers
     def _anchor_logits(self):
