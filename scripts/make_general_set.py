@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import unicodedata
+from functools import partial
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "src" / "dstune" / "data" / "general"
@@ -57,13 +58,13 @@ def _compute(a: int, op: str, b: int) -> int:
     return a // b
 
 
-def arithmetic_en():
-    for a, op, b in ARITHMETIC_EN:
+def arithmetic_en(table=None):
+    for a, op, b in table or ARITHMETIC_EN:
         yield f"What is {a} {op} {b}?", str(_compute(a, op, b))
 
 
-def arithmetic_zh():
-    for a, op, b in ARITHMETIC_ZH:
+def arithmetic_zh(table=None):
+    for a, op, b in table or ARITHMETIC_ZH:
         value = _compute(a, op, b)
         how = "几" if value <= 10 else "多少"
         yield f"{a}{ZH_OPS[op]}{b}等于{how}？", str(value)
@@ -90,13 +91,13 @@ CAPITAL_ZH = [
 ]
 
 
-def capital_en():
-    for country, city in CAPITAL_EN:
+def capital_en(table=None):
+    for country, city in table or CAPITAL_EN:
         yield f"What is the capital of {country}?", city
 
 
-def capital_zh():
-    for country, city in CAPITAL_ZH:
+def capital_zh(table=None):
+    for country, city in table or CAPITAL_ZH:
         yield f"{country}的首都是哪里？", city
 
 
@@ -179,13 +180,13 @@ ANTONYM_ZH = [
 ]
 
 
-def antonym_en():
-    for word, opposite in ANTONYM_EN:
+def antonym_en(table=None):
+    for word, opposite in table or ANTONYM_EN:
         yield f"What is the opposite of '{word}'?{EN_WORD}", opposite
 
 
-def antonym_zh():
-    for word, opposite in ANTONYM_ZH:
+def antonym_zh(table=None):
+    for word, opposite in table or ANTONYM_ZH:
         yield f"“{word}”的反义词是什么？只回答反义词。", opposite
 
 
@@ -200,8 +201,8 @@ PLURAL_EN = [
 ]
 
 
-def plural_en():
-    for word, plural in PLURAL_EN:
+def plural_en(table=None):
+    for word, plural in table or PLURAL_EN:
         yield f"What is the plural of '{word}'?{EN_WORD}", plural
 
 
@@ -312,13 +313,13 @@ SCIENCE_ZH = [
 ]
 
 
-def science_en():
-    for question, answer in SCIENCE_EN:
+def science_en(table=None):
+    for question, answer in table or SCIENCE_EN:
         yield (question + EN_NUM if answer.isdigit() else question), answer
 
 
-def science_zh():
-    for question, answer in SCIENCE_ZH:
+def science_zh(table=None):
+    for question, answer in table or SCIENCE_ZH:
         yield (question + ZH_NUM if answer.isdigit() else question), answer
 
 
@@ -339,13 +340,13 @@ TRANSLATION_ZH = [  # Chinese -> English
 ]
 
 
-def translation_en():
-    for word, chinese in TRANSLATION_EN:
+def translation_en(table=None):
+    for word, chinese in table or TRANSLATION_EN:
         yield f"Translate '{word}' into Chinese. Answer with the Chinese word only.", chinese
 
 
-def translation_zh():
-    for word, english in TRANSLATION_ZH:
+def translation_zh(table=None):
+    for word, english in table or TRANSLATION_ZH:
         yield f"把“{word}”翻译成英文，只回答英文单词。", english
 
 
@@ -427,17 +428,6 @@ def _problems(count: int, seed: int, taken: set) -> list[tuple[int, str, int]]:
 _TAKEN = set(ARITHMETIC_EN) | set(ARITHMETIC_ZH)
 HELDOUT_ARITHMETIC_EN = _problems(90, 0, _TAKEN)
 HELDOUT_ARITHMETIC_ZH = _problems(70, 40, _TAKEN)
-
-
-def heldout_arithmetic_en():
-    for a, op, b in HELDOUT_ARITHMETIC_EN:
-        yield f"What is {a} {op} {b}?", str(_compute(a, op, b))
-
-
-def heldout_arithmetic_zh():
-    for a, op, b in HELDOUT_ARITHMETIC_ZH:
-        value = _compute(a, op, b)
-        yield f"{a}{ZH_OPS[op]}{b}等于{'几' if value <= 10 else '多少'}？", str(value)
 
 
 # ---------------------------------------------------------------- unit, each conversion at quantities the replay part never asks
@@ -576,16 +566,6 @@ HELDOUT_CAPITAL_ZH = [
 ]
 
 
-def heldout_capital_en():
-    for country, city in HELDOUT_CAPITAL_EN:
-        yield f"What is the capital of {country}?", city
-
-
-def heldout_capital_zh():
-    for country, city in HELDOUT_CAPITAL_ZH:
-        yield f"{country}的首都是哪里？", city
-
-
 # ---------------------------------------------------------------- antonym
 HELDOUT_ANTONYM_EN = [
     ("happy", "sad"), ("young", "old"), ("tall", "short"), ("thick", "thin"), ("hard", "soft"), ("high", "low"),
@@ -602,16 +582,6 @@ HELDOUT_ANTONYM_ZH = [
 ]
 
 
-def heldout_antonym_en():
-    for word, opposite in HELDOUT_ANTONYM_EN:
-        yield f"What is the opposite of '{word}'?{EN_WORD}", opposite
-
-
-def heldout_antonym_zh():
-    for word, opposite in HELDOUT_ANTONYM_ZH:
-        yield f"“{word}”的反义词是什么？只回答反义词。", opposite
-
-
 # ---------------------------------------------------------------- plural (English only)
 HELDOUT_PLURAL_EN = [
     ("louse", "lice"), ("analysis", "analyses"), ("thesis", "theses"), ("criterion", "criteria"), ("calf", "calves"),
@@ -621,11 +591,6 @@ HELDOUT_PLURAL_EN = [
     ("series", "series"), ("species", "species"), ("aircraft", "aircraft"), ("cherry", "cherries"),
     ("bench", "benches"),
 ]
-
-
-def heldout_plural_en():
-    for word, plural in HELDOUT_PLURAL_EN:
-        yield f"What is the plural of '{word}'?{EN_WORD}", plural
 
 
 # ---------------------------------------------------------------- science
@@ -693,16 +658,6 @@ HELDOUT_SCIENCE_ZH = [
 ]
 
 
-def heldout_science_en():
-    for question, answer in HELDOUT_SCIENCE_EN:
-        yield (question + EN_NUM if answer.isdigit() else question), answer
-
-
-def heldout_science_zh():
-    for question, answer in HELDOUT_SCIENCE_ZH:
-        yield (question + ZH_NUM if answer.isdigit() else question), answer
-
-
 # ---------------------------------------------------------------- translation
 HELDOUT_TRANSLATION_EN = [  # English -> Chinese
     ("table", "桌子"), ("telephone", "电话"), ("student", "学生"), ("sky", "天空"), ("cloud", "云"), ("wind", "风"),
@@ -717,16 +672,6 @@ HELDOUT_TRANSLATION_ZH = [  # Chinese -> English
     ("镜子", "mirror"), ("城市", "city"), ("村庄", "village"), ("铅笔", "pencil"), ("牙刷", "toothbrush"),
     ("公园", "park"), ("时间", "time"), ("海", "sea"),
 ]
-
-
-def heldout_translation_en():
-    for word, chinese in HELDOUT_TRANSLATION_EN:
-        yield f"Translate '{word}' into Chinese. Answer with the Chinese word only.", chinese
-
-
-def heldout_translation_zh():
-    for word, english in HELDOUT_TRANSLATION_ZH:
-        yield f"把“{word}”翻译成英文，只回答英文单词。", english
 
 
 # ---------------------------------------------------------------- held-out prose, for tier-1 perplexity
@@ -784,16 +729,27 @@ REPLAY = {
         "calendar": calendar_zh, "science": science_zh, "translation": translation_zh, "spelling": spelling_zh,
     },
 }
-HELDOUT = {
+HELDOUT = {  # the same question forms as REPLAY over the held-out tables, or forms of their own
     "en": {
-        "arithmetic": heldout_arithmetic_en, "capital": heldout_capital_en, "unit": heldout_unit_en,
-        "antonym": heldout_antonym_en, "plural": heldout_plural_en, "calendar": heldout_calendar_en,
-        "science": heldout_science_en, "translation": heldout_translation_en, "spelling": heldout_spelling_en,
+        "arithmetic": partial(arithmetic_en, HELDOUT_ARITHMETIC_EN),
+        "capital": partial(capital_en, HELDOUT_CAPITAL_EN),
+        "unit": heldout_unit_en,
+        "antonym": partial(antonym_en, HELDOUT_ANTONYM_EN),
+        "plural": partial(plural_en, HELDOUT_PLURAL_EN),
+        "calendar": heldout_calendar_en,
+        "science": partial(science_en, HELDOUT_SCIENCE_EN),
+        "translation": partial(translation_en, HELDOUT_TRANSLATION_EN),
+        "spelling": heldout_spelling_en,
     },
     "zh": {
-        "arithmetic": heldout_arithmetic_zh, "capital": heldout_capital_zh, "unit": heldout_unit_zh,
-        "antonym": heldout_antonym_zh, "calendar": heldout_calendar_zh, "science": heldout_science_zh,
-        "translation": heldout_translation_zh, "spelling": heldout_spelling_zh,
+        "arithmetic": partial(arithmetic_zh, HELDOUT_ARITHMETIC_ZH),
+        "capital": partial(capital_zh, HELDOUT_CAPITAL_ZH),
+        "unit": heldout_unit_zh,
+        "antonym": partial(antonym_zh, HELDOUT_ANTONYM_ZH),
+        "calendar": heldout_calendar_zh,
+        "science": partial(science_zh, HELDOUT_SCIENCE_ZH),
+        "translation": partial(translation_zh, HELDOUT_TRANSLATION_ZH),
+        "spelling": heldout_spelling_zh,
     },
 }
 
