@@ -31,6 +31,7 @@ step's token-mean cross-entropy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -267,10 +268,8 @@ class Continual(Objective):
             raise InputError("train.continual.kl: the anchor data has no sequence of 2 tokens or more")
         model = self.context.model
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if options.reference == "base":
-            with model.disable_adapter():
-                return TopKLogits.compute(model, samples, options.top_k, 8, pad, progress="kl anchor")
-        return TopKLogits.compute(model, samples, options.top_k, 8, pad, progress="kl anchor")
+        with model.disable_adapter() if options.reference == "base" else contextlib.nullcontext():
+            return TopKLogits.compute(model, samples, options.top_k, 8, pad, progress="kl anchor")
 
     def _ewc_parent(self) -> tuple[dict, dict]:
         """The parent's accumulated Fisher and its weights (theta*), by parameter name."""
