@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of torch that lies on these machines' disk; a plain `torch` would pull multi-GB CUDA wheels.
 TORCH ?= torch==2.13.0
 RECIPE ?= recipes/icd10_lora.yaml
+# pytest-xdist workers; tests/conftest.py gives each its share of the cores. A test file stays on one worker, so that
+# its module fixtures (a trained first stage, a started server) are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast clean browser
 
@@ -31,10 +34,10 @@ browser:
 	  $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup browser
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs
