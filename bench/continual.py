@@ -7,6 +7,14 @@ held-out general data, retention against the base model). Everything else comes 
     .venv/bin/python bench/continual.py                 # full: 60 steps per stage
     .venv/bin/python bench/continual.py --quick         # 20 steps per stage, 32 test records per chapter
     .venv/bin/python bench/continual.py --smoke         # a tiny random Llama and three small chat tasks (seconds)
+    .venv/bin/python bench/continual.py --quick --controls rehearsal --out part2.json
+    .venv/bin/python bench/continual.py --merge part1.json part2.json --out bench/results/continual-quick.json
+
+The controls (CONTROLS): naive sequential tuning, replay of the general set, the KL anchor, O-LoRA, EWC, KL + replay,
+rehearsal of the earlier chapters' records, and KL + rehearsal. --quick is not a 3-minute run (BENCHMARKS.md rule 7):
+each stage trains and scores SmolLM2, about 2 min on 2 cores (5 with the KL anchor's top-k pass), so all eight
+controls take about 70 min; --controls runs a subset, and --merge joins runs made apart with the same settings and
+the same base scores (the base is scored deterministically, so a mismatch means different code or data).
 
 Reported per control (BENCHMARKS.md: ratios within one run, here against `naive`): the accuracy matrix R[i][j]
 (chapter j after stage i), the final average accuracy over the chapters, backward transfer
@@ -39,7 +47,11 @@ CONTROLS: dict[str, list[str]] = {
     "olora": [],
     "ewc": ["train.continual.ewc.weight=1000.0"],
     "kl+replay": ["train.continual.kl.weight=1.0", "data.replay.ratio=0.2"],
+    # Rehearsal: only the earlier chapters' training records, REHEARSAL_RATIO x this stage's own.
+    "rehearsal": [],
+    "kl+rehearsal": ["train.continual.kl.weight=1.0"],
 }
+REHEARSAL_RATIO = 0.5
 
 
 def stage_overrides(control: str, task: str, chapter: str, previous: Path | None, replay_dir: Path | None,
@@ -52,18 +64,21 @@ def stage_overrides(control: str, task: str, chapter: str, previous: Path | None
                    else f"train.init_adapter={previous}")
     if replay_dir is not None:
         out.append(f"data.replay.file={replay_dir}")
+        if "rehearsal" in control:  # from the second stage on (the first is the recipe's, as naive's)
+            out.append(f"data.replay.ratio={REHEARSAL_RATIO}")
     return out
 
 
 def replay_pool(work: Path, control: str, earlier: list[Path]) -> Path | None:
-    """The replay folder of a replaying control: the shipped general replay set plus earlier stages' train data."""
+    """The replay folder of a replaying control: earlier stages' train data, and for `replay` the general set."""
     from dstune.data.build import GENERAL_SET
 
-    if "replay" not in control:
+    if "replay" not in control and "rehearsal" not in control:
         return None
     folder = work / "replay" / f"{control.replace('+', '_')}_{len(earlier)}"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(GENERAL_SET, folder / "general.jsonl")
+    if "replay" in control:  # the shipped general replay set (never tier 1's held-out part)
+        shutil.copy(GENERAL_SET, folder / "general.jsonl")
     for i, data_dir in enumerate(earlier):
         lines = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines() if line.strip()]
         # Earlier records as plain chat records (their meta belonged to their own run).
@@ -165,11 +180,42 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--controls", default=",".join(CONTROLS), help="comma-separated subset of "
                         + ",".join(CONTROLS))
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default 60, quick 20, smoke 2)")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS",
+                        help="join results files of separate runs (same settings and base scores) into --out")
     return parser
+
+
+def merge(paths: list[str], out: Path) -> dict:
+    """One results file from runs made apart: their settings and base scores must agree, each control once."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    result = {**first, "runs": [], "merged_from": []}
+    for path, part in zip(paths, parts):
+        settings = {k: v for k, v in part["settings"].items() if k in first["settings"]}
+        if settings != {k: v for k, v in first["settings"].items() if k in part["settings"]} or part["mode"] != \
+                first["mode"]:
+            sys.exit(f"--merge: {path} has other settings than {paths[0]}")
+        if part["base"] != first["base"]:
+            sys.exit(f"--merge: {path} scored the base model differently from {paths[0]}")
+        for run in part["runs"]:
+            if any(r["control"] == run["control"] for r in result["runs"]):
+                sys.exit(f"--merge: control {run['control']!r} is in more than one file")
+            result["runs"].append(run)
+        result["settings"] = {**part["settings"], **result["settings"]}
+        result["merged_from"].append({"file": Path(path).name, "controls": [r["control"] for r in part["runs"]],
+                                      "machine": part["machine"]})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main() -> None:
     args = parser().parse_args()
+    if args.merge:
+        if not args.out:
+            sys.exit("--merge needs --out")
+        print(table(merge(args.merge, Path(args.out))["runs"]) + f"\n\nbench/continual: wrote {args.out}")
+        return
     controls = args.controls.split(",")
     unknown = sorted(set(controls) - set(CONTROLS))
     if unknown:
@@ -210,7 +256,8 @@ def main() -> None:
     del base_model
     result = {"benchmark": "continual", "mode": mode, "machine": machine(),
               "settings": {"recipe": str(RECIPE.relative_to(ROOT)), "tasks": TASKS, "steps_per_stage": steps,
-                           "test_records_per_task": {t: len(r) for t, r in tests.items()}, "baseline": "naive"},
+                           "test_records_per_task": {t: len(r) for t, r in tests.items()}, "baseline": "naive",
+                           "rehearsal_ratio": REHEARSAL_RATIO},
               "base": base, "runs": []}
     name = "continual.json" if mode == "full" else f"continual-{mode}.json"
     out_path = Path(args.out) if args.out else (work if args.smoke else ROOT / "bench" / "results") / name

@@ -111,7 +111,7 @@ def check_train_speed(result: dict) -> None:
 
 def check_continual(result: dict) -> None:
     runs = {r["control"]: r for r in result["runs"]}
-    assert set(runs) == {"naive", "replay", "kl", "olora", "ewc", "kl+replay"}
+    assert set(runs) == {"naive", "replay", "kl", "olora", "ewc", "kl+replay", "rehearsal", "kl+rehearsal"}
     for run in runs.values():  # every chapter scored after every stage
         assert [len(row) for row in run["matrix"]] == [3, 3, 3] and len(run["stages"]) == 3
     # O-LoRA's adapter grows by the recipe's rank each stage; the KL anchor and EWC ran
