@@ -37,19 +37,28 @@ from .fastlora import peft_lora_linear, restore_lora_class
 SCHEMES = ("int4", "int8")
 
 
+def int4_scales(blocks: torch.Tensor) -> torch.Tensor:
+    """MLAS's symmetric int4 scale of each [..., block] row: its value of largest magnitude over -8."""
+    high, low = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
+    return torch.where(high.abs() > low.abs(), high, low) / -8.0
+
+
+def int4_codes(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """MLAS's int4 codes (0..15, zero at 8, as float32) of float32 values on a given scale."""
+    reciprocal = torch.where(scale != 0, 1.0 / scale, 0.0)
+    shifted = blocks * reciprocal + 8.0  # two float32 roundings, as MLAS (no fused multiply-add)
+    floor = shifted.floor()
+    # C's roundf: halves away from zero (torch.round goes to even); shifted >= 0 wherever the clamp keeps it.
+    return (floor + (shifted - floor >= 0.5)).clamp_(0.0, 15.0)
+
+
 def fake_quantize_int4(weight: torch.Tensor, group_size: int = INT4_BLOCK_SIZE) -> torch.Tensor:
     """The weight MatMulNBits computes with after onnxruntime's symmetric int4 block quantization."""
     rows, cols = weight.shape
     # onnxruntime pads the input dimension with zeros to whole blocks; a zero never changes a block's scale.
     blocks = F.pad(weight.float(), (0, -cols % group_size)).view(rows, -1, group_size)
-    high, low = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
-    scale = torch.where(high.abs() > low.abs(), high, low) / -8.0
-    reciprocal = torch.where(scale != 0, 1.0 / scale, 0.0)
-    shifted = blocks * reciprocal + 8.0  # two float32 roundings, as MLAS (no fused multiply-add)
-    floor = shifted.floor()
-    # C's roundf: halves away from zero (torch.round goes to even); shifted >= 0 wherever the clamp keeps it.
-    q = (floor + (shifted - floor >= 0.5)).clamp_(0.0, 15.0)
-    return ((q - 8.0) * scale).view(rows, -1)[:, :cols].to(weight.dtype)
+    scale = int4_scales(blocks)
+    return ((int4_codes(blocks, scale) - 8.0) * scale).view(rows, -1)[:, :cols].to(weight.dtype)
 
 
 def fake_quantize_int8(weight: torch.Tensor) -> torch.Tensor:
