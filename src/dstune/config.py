@@ -325,6 +325,8 @@ class ExportConfig(StrictModel):
     # The accuracy gate: an export keeping less than this share of the fp32 domain score (eval.metrics[0]) is marked
     # failed in the report, and the command exits with code 3.
     min_retention: float = Field(0.98, gt=0.0)
+    # Train-split records that calibrated quantizations (e.g. onnx:int4-gptq) calibrate on.
+    calibration_samples: int = Field(128, ge=1)
 
     @field_validator("formats")
     @classmethod

@@ -44,7 +44,13 @@ def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dic
     fmt = get_format(name, quant)
     out_dir = recipe.run_dir / "exports" / f"{name}-{quant}"
     start = time.perf_counter()
-    artifact = fmt.export(merged_dir, out_dir, quant)
+    calibration = None
+    if quant in fmt.calibrated:  # only these exports see data, and only the train split's
+        from ..models.loading import load_tokenizer
+        from .calibrate import calibration_samples
+
+        calibration = calibration_samples(recipe, load_tokenizer(Path(merged_dir)), recipe.export.calibration_samples)
+    artifact = fmt.export(merged_dir, out_dir, quant, **({"calibration": calibration} if calibration else {}))
     export_seconds = time.perf_counter() - start
     model, tokenizer = fmt.load(artifact, merged_dir)
     result = evaluate_tiers(scoring_recipe(recipe), model, tokenizer, test_records(recipe), progress=f"eval {spec}")
@@ -70,6 +76,7 @@ def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dic
         "eval_tokens_per_second": result.get("tokens_per_second") if result["generated_tokens"] else None,
         "cached_answers": result.get("cached", 0), "export_seconds": round(export_seconds, 2),
         "min_retention": recipe.export.min_retention, "passed": retention >= recipe.export.min_retention,
+        "calibration": calibration.manifest() if calibration else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     # The report lists the records under its own provenance; the folder's file carries it for the folder alone.

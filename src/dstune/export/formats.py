@@ -26,10 +26,12 @@ class ExportFormat:
     name: str
     quants: tuple[str, ...]
     description: str
-    # (merged HF directory, output directory, quant) -> the artifact (a file or a folder)
-    export: Callable[[Path, Path, str], Path]
+    # (merged HF directory, output directory, quant) -> the artifact (a file or a folder); the quants named in
+    # `calibrated` are also passed calibration=dstune.export.calibrate.Calibration (the train split's samples)
+    export: Callable[..., Path]
     # (artifact, merged HF directory it came from) -> (model, tokenizer) for the evaluation harness
     load: Callable[[Path, Path], tuple[object, object]]
+    calibrated: tuple[str, ...] = ()
 
 
 EXPORT_FORMATS = EXPORTS  # the registry's name before formats became plugins

@@ -22,6 +22,8 @@ exact match against the fp32 model's 0.760, 300 descriptions; greedy decode toke
   reached 86.0% at 25%, but took 8x longer to build and leaves untied embeddings fp32.
   QAT (`train.qat: {scheme: int4, group_size: 16}`) lifts the int4 export's retention from 0.891 to 0.968
   (bench/results/qat.json).
+- int4-gptq, int4-awq, int4-awq-gptq: the int4 graph above with calibrated rounding (dstune.export.onnx_calibrated),
+  calibrated on the recipe's train split: same bytes, same speed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from ..plugins import EXPORTS
 from .formats import ExportFormat
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-QUANTS = ("fp32", "int8", "int4")
+# Calibrated int4 (dstune.export.onnx_calibrated): the int4 graph, with these steps around the builder.
+CALIBRATED = {"int4-gptq": ("gptq",), "int4-awq": ("awq",), "int4-awq-gptq": ("awq", "gptq")}
+QUANTS = ("fp32", "int8", "int4", *CALIBRATED)
 # The int4 MatMulNBits block along the input dimension, which QAT emulates by default (dstune.train.qat).
 INT4_BLOCK_SIZE = 16
 # The builder's --extra_options per precision; numbers in the module docstring.
@@ -54,6 +58,11 @@ BUILDER_OPTIONS = {
     "int4": {"block_size": str(INT4_BLOCK_SIZE), "accuracy_level": "4", "op_types_to_quantize": "MatMul/Gather",
              "matmul_mixed_precision": "mixed_layers:int8"},
 }
+
+
+def builder_precision(quant: str) -> str:
+    """The builder's precision (a key of BUILDER_OPTIONS) of a quant: a calibrated int4 is built as int4."""
+    return "int4" if quant in CALIBRATED else quant
 
 
 def _check_architecture(merged_dir: Path) -> None:
@@ -81,20 +90,48 @@ def _logging_to(stream):
         root.setLevel(level)
 
 
-def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
-    """Write an onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) of a merged HF directory."""
-    import huggingface_hub
+def export_onnx(merged_dir: Path, out_dir: Path, quant: str, calibration=None) -> Path:
+    """Write an onnxruntime-genai model folder (model.onnx, genai_config.json, tokenizer) of a merged HF directory.
+
+    Calibrated quants (CALIBRATED) need `calibration`, a dstune.export.calibrate.Calibration of the train split.
+    """
     import onnxruntime_genai
 
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     _check_architecture(merged_dir)
+    calibrated = None
+    if quant in CALIBRATED:
+        if calibration is None:
+            raise InputError(f"onnx:{quant} is calibrated and needs calibration samples (dstune export passes the "
+                             "recipe's train split)")
+        from .onnx_calibrated import calibrated_export
+
+        calibrated = calibrated_export(merged_dir, out_dir, CALIBRATED[quant], calibration, INT4_BLOCK_SIZE,
+                                       lambda source: _build(source, out_dir, quant))
+    else:
+        _build(merged_dir, out_dir, quant)
+    embedding = quantize_embedding(out_dir, int(BUILDER_OPTIONS[quant]["block_size"])) if quant == "int8" else None
+    (out_dir / "dstune_onnx.json").write_text(json.dumps({
+        "embedding": embedding, "calibration": calibrated,
+        "format": "onnx", "quant": quant, "source": str(merged_dir), "execution_provider": "cpu",
+        "builder_options": BUILDER_OPTIONS[builder_precision(quant)],
+        "onnxruntime_genai": onnxruntime_genai.__version__,
+    }, indent=2))
+    return out_dir
+
+
+def _build(merged_dir: Path, out_dir: Path, quant: str) -> None:
+    """Run onnxruntime-genai's model builder on a merged HF directory, its output logged to out_dir/builder.log."""
+    import huggingface_hub
+
     try:
         # Importing the builder also puts its own folder on sys.path (it imports `builders`, `quantization`).
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:  # onnxruntime-genai does not declare the builder's dependencies (onnx-ir)
         raise DstuneError(f"ONNX export needs {exc.name!r}, which onnxruntime-genai's model builder imports "
                           f"(pip install {(exc.name or 'onnx-ir').replace('_', '-')})") from exc
-    options = {**BUILDER_OPTIONS[quant], "hf_token": "false", "hf_remote": "false"}
+    precision = builder_precision(quant)
+    options = {**BUILDER_OPTIONS[precision], "hf_token": "false", "hf_remote": "false"}
     out_dir.mkdir(parents=True, exist_ok=True)
     # Offline mode turns any hub request the builder might make into an error instead of a download.
     offline = mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -104,20 +141,13 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str) -> Path:
     with tempfile.TemporaryDirectory() as cache_dir, offline, (out_dir / "builder.log").open("w") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _logging_to(log), bar:
         try:
-            extra = parse_extra_options(None, str(merged_dir), str(out_dir), quant, "cpu", cache_dir,
+            extra = parse_extra_options(None, str(merged_dir), str(out_dir), precision, "cpu", cache_dir,
                                         [f"{k}={v}" for k, v in options.items()])
-            create_model(None, str(merged_dir), str(out_dir), quant, "cpu", cache_dir, **extra)
+            create_model(None, str(merged_dir), str(out_dir), precision, "cpu", cache_dir, **extra)
         except Exception as exc:  # the builder raises bare Exceptions, ValueErrors and ORT errors alike
             raise DstuneError(f"ONNX export of {merged_dir} failed in onnxruntime-genai's builder: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        embedding = quantize_embedding(out_dir, int(BUILDER_OPTIONS[quant]["block_size"])) if quant == "int8" else None
         bar.update()
-    (out_dir / "dstune_onnx.json").write_text(json.dumps({
-        "embedding": embedding,
-        "format": "onnx", "quant": quant, "source": str(merged_dir), "execution_provider": "cpu",
-        "builder_options": BUILDER_OPTIONS[quant], "onnxruntime_genai": onnxruntime_genai.__version__,
-    }, indent=2))
-    return out_dir
 
 
 def _symmetric_int8_blocks(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,15 +219,22 @@ def quantize_embedding(folder: Path, block: int) -> dict | None:
     del graph.initializers[table.name]
     if not any(opset == "com.microsoft" for opset in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
+    save_in_place(model, folder, ".int8-embedding")
+    return {"op": "GatherBlockQuantized", "bits": 8, "block_size": block, "tied": tied,
+            "table": head.inputs[1].name if tied else codes.name}
+
+
+def save_in_place(model, folder: Path, scratch: str) -> None:
+    """Save an onnx_ir model over folder/model.onnx(.data) that it was loaded from."""
+    import onnx_ir as ir
+
     # Written next to the old files, then moved over them: the tensors being saved are read from the old data file.
-    tmp = folder / ".int8-embedding"
+    tmp = folder / scratch
     tmp.mkdir(exist_ok=True)
     ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
     for name in ("model.onnx", "model.onnx.data"):
         (tmp / name).replace(folder / name)
     tmp.rmdir()
-    return {"op": "GatherBlockQuantized", "bits": 8, "block_size": block, "tied": tied,
-            "table": head.inputs[1].name if tied else codes.name}
 
 
 def _is_tied(head, table: np.ndarray) -> bool:
@@ -334,6 +371,7 @@ def load_onnx(artifact: Path, merged_dir: Path):
 
 
 EXPORTS.register("onnx", ExportFormat(
-    name="onnx", quants=QUANTS, export=export_onnx, load=load_onnx,
-    description="ONNX Runtime GenAI (model builder): KV-cache decoder for CPU, fp32 or block-wise int8/int4",
+    name="onnx", quants=QUANTS, export=export_onnx, load=load_onnx, calibrated=tuple(CALIBRATED),
+    description="ONNX Runtime GenAI (model builder): KV-cache decoder for CPU, fp32 or block-wise int8/int4 "
+                "(int4 also calibrated: GPTQ, AWQ)",
 ))
