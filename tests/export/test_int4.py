@@ -266,3 +266,16 @@ def test_export_and_score_passes_calibration_to_calibrated_quants_only(run, anis
             artifacts.export_and_score(run, f"fake:{quant}", anisotropic_dir, {})
     assert seen["plain"] is None
     assert seen["calibrated"].ids == [f"train-{i}" for i in range(TRAIN)]  # export.calibration_samples: 128 > 24
+
+
+def test_qwen2_layers_calibrate_too(tiny_model_dirs, calibration):
+    """Qwen2 (q/k/v biases) is the exporter's other architecture: AWQ keeps its float64 logits, GPTQ runs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["qwen2"], dtype=torch.float64).eval()
+    samples, ids = calibration.samples[:6], calibration.samples[6][:, :24]
+    with torch.no_grad():
+        before = model(ids).logits
+    awq_transform(model, samples, BLOCK)
+    with torch.no_grad():
+        assert float((model(ids).logits - before).abs().max()) < 1e-9
+    codes = gptq_model(model.float(), samples, BLOCK)
+    assert len(codes) == 7 * len(model.model.layers)
