@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a deployable artifact of the merged model under runs/<name>/exports/, score "
                                    "it on the test split against the fp32 merged model (domain metrics, business "
                                    "checks), and exit with code 3 if it keeps less than export.min_retention of the "
-                                   "fp32 domain score. Formats: onnx (fp32, int8, int4), gguf (f32, f16, q8_0, "
-                                   "q4_0), torchao (int8, int8wo, ...). See docs/deploy.md.")
+                                   "fp32 domain score. Formats: onnx (fp32, int8, int4, and int4-gptq, int4-awq, "
+                                   "int4-awq-gptq calibrated on export.calibration_samples train records), gguf (f32, "
+                                   "f16, q8_0, q4_0), torchao (int8, int8wo, ...). See docs/deploy.md.")
     _add_recipe(p)
     p.add_argument("--format", default="onnx", help="onnx | gguf | torchao | a plugin's (default onnx)")
     p.add_argument("--quant", default="int8", help="the format's quantization, e.g. int8, int4, q8_0 (default int8)")
