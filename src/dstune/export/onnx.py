@@ -23,9 +23,9 @@ exact match against the fp32 model's 0.760, 300 descriptions; greedy decode toke
   QAT (`train.qat: {scheme: int4, group_size: 16}`) lifts the int4 export's retention from 0.891 to 0.968
   (bench/results/qat.json).
 - int4-gptq, int4-awq, int4-awq-gptq: the int4 graph above with calibrated rounding (dstune.export.onnx_calibrated),
-  calibrated on the recipe's train split: same bytes and layout (decode speed not timed yet). On the demo's tuned
-  model, retention 0.973 (gptq), 0.892 (awq) and 0.955 (awq-gptq) against round-to-nearest's 0.883 on the same
-  model (docs/deploy.md).
+  calibrated on the recipe's train split: same bytes and layout. On the demo's tuned model: retention 0.973 (gptq),
+  0.892 (awq) and 0.955 (awq-gptq) against round-to-nearest's 0.883; decode 8.3x HF fp32 for gptq and 7.7x for
+  int4 in one bench/decode.py --quick run (docs/deploy.md).
 """
 
 from __future__ import annotations
