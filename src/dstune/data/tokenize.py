@@ -52,6 +52,13 @@ def encode_conversation(tokenizer, template: ChatTemplate, messages: list[dict],
     return EncodedSample(sample_id, ids[:max_length], labels[:max_length])
 
 
+def encode_record(tokenizer, template: ChatTemplate, record: dict, max_length: int) -> EncodedSample:
+    """A dataset record as training encodes it: raw `text` (encode_text), else its `messages` (encode_conversation)."""
+    if "text" in record:
+        return encode_text(tokenizer, record["text"], str(record["id"]), max_length)
+    return encode_conversation(tokenizer, template, record["messages"], str(record["id"]), max_length)
+
+
 def audit_labels(samples: list[EncodedSample], tokenizer, template: ChatTemplate, max_length: int) -> None:
     """Fail loudly, naming the sample, if it has no supervised token or its end-of-turn token is not supervised."""
     eot_ids = tokenizer.encode(template.end_of_turn, add_special_tokens=False)

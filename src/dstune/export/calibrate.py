@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.build import load_split
 from ..data.templates import get_template
-from ..data.tokenize import encode_conversation, encode_text
+from ..data.tokenize import encode_record
 from ..errors import InputError
 
 CALIBRATION_SPLIT = "train"
@@ -46,10 +46,7 @@ def calibration_samples(recipe, tokenizer, n: int) -> Calibration:
     chosen = [records[int(i * step)] for i in range(min(n, len(records)))]
     template = get_template(recipe.model.template, tokenizer)
     max_length = recipe.data.max_length
-    # The same two encodings as dstune.train.loop.encode_records (raw text, or a chat rendered by the template).
-    encoded = [encode_text(tokenizer, r["text"], str(r["id"]), max_length) if "text" in r
-               else encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length)
-               for r in chosen]
+    encoded = [encode_record(tokenizer, template, r, max_length) for r in chosen]
     return Calibration([torch.tensor([e.input_ids]) for e in encoded if e.input_ids], [str(r["id"]) for r in chosen])
 
 

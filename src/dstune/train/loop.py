@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from ..config import Recipe
 from ..data.build import load_split, with_data_defaults
 from ..data.templates import get_template
-from ..data.tokenize import audit_labels, encode_conversation, encode_text
+from ..data.tokenize import audit_labels, encode_record
 from ..errors import DstuneError, InputError, phase
 from ..evaluate.harness import evaluate_records, record_tasks
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
@@ -87,8 +87,7 @@ class TrainResult:
 
 def encode_records(records, tokenizer, template, max_length, fields: tuple[str, ...] = ()):
     """Encoded samples (input_ids, labels, id, and the method's extra `fields`) of a split, after the label audit."""
-    samples = [encode_text(tokenizer, r["text"], str(r["id"]), max_length) if "text" in r
-               else encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length) for r in records]
+    samples = [encode_record(tokenizer, template, r, max_length) for r in records]
     audit_labels(samples, tokenizer, template, max_length)
     encoded = [{"input_ids": s.input_ids, "labels": s.labels, "id": str(r["id"])} for s, r in zip(samples, records)]
     if "task" in fields:

@@ -248,15 +248,14 @@ class Continual(Objective):
         from ...data.formats import read_samples
         from ...data.templates import get_template
         from ..logit_cache import TopKLogits
-        from ...data.tokenize import encode_conversation, encode_text
+        from ...data.tokenize import encode_record
 
         options, recipe, tokenizer = self.config.kl, self.context.recipe, self.context.tokenizer
         max_length = options.max_length or recipe.data.max_length
         template = get_template(recipe.model.template, tokenizer)
         # Whole sequences, prompt and answer: the anchor is the next-token distribution everywhere, and a record
         # cut by max_length still anchors its first tokens.
-        samples = [(encode_text(tokenizer, r["text"], str(r["id"]), max_length) if "text" in r else
-                    encode_conversation(tokenizer, template, r["messages"], str(r["id"]), max_length)).input_ids
+        samples = [encode_record(tokenizer, template, r, max_length).input_ids
                    for r in read_samples(options.file or GENERAL_SET)]
         text_file = GENERAL_TEXT if options.text_file is None else options.text_file
         if text_file:
