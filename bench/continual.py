@@ -191,9 +191,8 @@ def merge(paths: list[str], out: Path) -> dict:
     first = parts[0]
     result = {**first, "runs": [], "merged_from": []}
     for path, part in zip(paths, parts):
-        settings = {k: v for k, v in part["settings"].items() if k in first["settings"]}
-        if settings != {k: v for k, v in first["settings"].items() if k in part["settings"]} or part["mode"] != \
-                first["mode"]:
+        shared = part["settings"].keys() & first["settings"].keys()  # a newer run may record more settings
+        if part["mode"] != first["mode"] or any(part["settings"][k] != first["settings"][k] for k in shared):
             sys.exit(f"--merge: {path} has other settings than {paths[0]}")
         if part["base"] != first["base"]:
             sys.exit(f"--merge: {path} scored the base model differently from {paths[0]}")
