@@ -43,7 +43,7 @@ VARIANTS = {
     "qat-int8": ["train.qat.scheme=int8"],
     "qat-int4": ["train.qat.scheme=int4", "train.qat.group_size=16"],
 }
-EXPORTS = {"int8": "torchao:int8", "int4": "onnx:int4"}
+EXPORTS = {"int8": "torchao:int8", "int4": "onnx:int4-rtn"}  # QAT simulates round-to-nearest int4
 OUT = "bench/results/qat.json"
 COMMON = ["train.objective=sft", "train.lora.dropout=0", "eval.general.enabled=false", "export.formats=[]", "export.min_retention=0.01"]
 # --smoke: the variants and exports it runs, and its recipe overrides (besides the model and the output folder).

@@ -36,7 +36,9 @@ def test_export_scores_against_fp32_and_the_gate_exits_3(tiny_recipe, tmp_path):
     assert failed.returncode == 3
     assert "dstune: error: export below export.min_retention=5.0: torchao:int8 keeps" in failed.stderr
     assert "Traceback" not in failed.stderr
-    assert unknown.returncode == 2 and "'onnx' writes fp32, int8, int4, int4-gptq, int4-awq, int4-awq-gptq, not 'int3'" in unknown.stderr
+    assert unknown.returncode == 2 and ("'onnx' writes fp32, int8, int4, int4-rtn, int4-gptq, int4-awq, int4-awq-gptq, "
+                                        "int4-mixed, int4-gptq-mixed, int4-ort-hqq, int4-ort-kquant, not 'int3'"
+                                        in unknown.stderr)
 
 
 def test_run_exports_reports_and_gates(tiny_recipe, tmp_path):

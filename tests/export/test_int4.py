@@ -18,7 +18,8 @@ from dstune.export import calibrate
 from dstune.export.calibrate import calibration_samples
 from dstune.export.int4 import (awq_transform, dequantize, gptq_codes, gptq_model, rtn_codes, rtn_model)
 from dstune.export.onnx import export_onnx
-from dstune.export.onnx_calibrated import _stacked, int4_layer_nodes, pack_int4
+from dstune.export.onnx_calibrated import NODE_LINEARS, _stacked, int4_layer_nodes, pack_int4
+from dstune.export.sensitivity import place, scan
 from dstune.train.qat import fake_quantize_int4
 from tiny import make_tiny_model_dir
 
@@ -218,14 +219,31 @@ def test_gptq_export_writes_gptq_codes_and_beats_plain_int4(anisotropic_dir, fp3
         assert not np.array_equal(written[node][0], builder[node][0])
     # Against fp32 with the int4 embedding and LM head that both exports share (RTN, untouched by calibration):
     # here they dominate the error (0.98 of 1.0 in torch), which would hide what the layers' rounding changed.
-    shared = copy.deepcopy(fp32)
-    with torch.no_grad():
-        for weight in (shared.lm_head.weight, shared.model.embed_tokens.weight):
-            weight.copy_(fake_quantize_int4(weight, BLOCK))
+    shared = with_int4_head(fp32)
     awq = export_onnx(anisotropic_dir, tmp_path / "int4-awq", "int4-awq", calibration=calibration)
     errors = {folder.name: ort_logits_error(folder, shared, held_out[:4]) for folder in (plain, calibrated, awq)}
     # Here: int4 0.228, int4-gptq 0.058, int4-awq 0.198.
     assert errors["int4-gptq"] < 0.9 * errors["int4"] and errors["int4-awq"] < 0.9 * errors["int4"], errors
+
+
+def with_int4_head(fp32):
+    """The fp32 model with the LM head and embedding every int4 export shares (RTN)."""
+    shared = copy.deepcopy(fp32)
+    with torch.no_grad():
+        for weight in (shared.lm_head.weight, shared.model.embed_tokens.weight):
+            weight.copy_(fake_quantize_int4(weight, BLOCK))
+    return shared
+
+
+def int8_weights(folder, nodes):
+    """Each named 8-bit MatMulNBits node's codes [N, blocks, block] and scales [N, blocks]."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(folder / "model.onnx").graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.name: (values[n.input[1]], values[n.input[2]].reshape(values[n.input[1]].shape[:2]))
+            for n in graph.node if n.name in nodes}
 
 
 def pack_and_unpack(codes):
@@ -279,3 +297,170 @@ def test_qwen2_layers_calibrate_too(tiny_model_dirs, calibration):
         assert float((model(ids).logits - before).abs().max()) < 1e-9
     codes = gptq_model(model.float(), samples, BLOCK)
     assert len(codes) == 7 * len(model.model.layers)
+
+
+def test_sensitivity_scan_equals_one_matmul_quantized_in_a_full_forward(fp32, calibration):
+    """The scan runs each node from its own layer's cached inputs, right-padded in batches: its divergence must
+    equal KL(fp32 || model with only that node in int4) from whole forward passes, one sample at a time, on the
+    supervised tokens (here with every token in the top k, so the exact KL)."""
+    samples, labels = calibration.samples[:8], calibration.labels[:8]
+    nodes = {"/model/layers.1/attn/qkv_proj/MatMul_Q4": (1, NODE_LINEARS["attn/qkv_proj"]),
+             "/model/layers.0/mlp/down_proj/MatMul_Q4": (0, NODE_LINEARS["mlp/down_proj"])}
+    before = {k: v.clone() for k, v in fp32.state_dict().items()}
+    deltas = scan(fp32, samples, labels, BLOCK, nodes, k=fp32.config.vocab_size)
+    assert all(torch.equal(v, before[k]) for k, v in fp32.state_dict().items())  # the model is left unchanged
+
+    def logprobs(model):
+        with torch.no_grad():
+            return torch.cat([model(ids).logits[0, :-1][target[0, 1:] != -100].log_softmax(-1)
+                              for ids, target in zip(samples, labels)])
+
+    reference = logprobs(fp32)
+    assert len(reference) == sum(int((t[0, 1:] != -100).sum()) for t in labels) > 0
+    for name, (layer, linears) in nodes.items():
+        model = copy.deepcopy(fp32)
+        with torch.no_grad():
+            for linear in linears:
+                weight = model.model.layers[layer].get_submodule(linear).weight
+                weight.copy_(fake_quantize_int4(weight, BLOCK))
+        exact = float((reference.exp() * (reference - logprobs(model))).sum(-1).mean())
+        assert exact > 1e-5 and abs(deltas[name] - exact) < 1e-3 * exact + 1e-7, (name, deltas[name], exact)
+
+
+def test_placement_takes_the_most_sensitive_nodes_that_fit():
+    deltas = {"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.0, "e": -0.1}
+    costs = {"a": 10, "b": 30, "c": 10, "d": 1, "e": 1}
+    placed = place(deltas, costs, budget=25)
+    assert placed.int8 == ["a", "c"] and placed.extra_bytes == 20  # b does not fit; d and e gain nothing
+    assert place(deltas, costs, budget=1000).int8 == ["a", "b", "c"]
+    assert place(deltas, costs, budget=5).int8 == []
+
+
+def int8_nodes(folder) -> set[str]:
+    import onnx
+
+    graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+    return {n.name for n in graph.node if n.op_type == "MatMulNBits"
+            and next(a.i for a in n.attribute if a.name == "bits") == 8}
+
+
+def test_mixed_export_keeps_exactly_the_nodes_it_reports_in_int8(anisotropic_dir, fp32, calibration, held_out,
+                                                                  tmp_path, monkeypatch):
+    import dataclasses
+
+    from dstune.export.artifacts import weight_bytes
+
+    # Every node that gains from int8 fits in the whole fp32 size: this measures the costs and the int4-only size.
+    full = export_onnx(anisotropic_dir, tmp_path / "full", "int4-mixed",
+                       calibration=dataclasses.replace(calibration, max_size=1.0))
+    measured = json.loads((full / "dstune_onnx.json").read_text())["calibration"]
+    ranking = list(measured["sensitivity"]["delta_loss"])
+    assert int8_nodes(full) == set(measured["int8_nodes"]) and len(ranking) == 2 * 5  # tiny: 2 layers of 5 nodes
+    # The next export of the same weights and samples reuses the scan (a --quant int4 choice writes two mixed ones).
+    from dstune.export import sensitivity
+
+    monkeypatch.setattr(sensitivity, "scan", lambda *args, **kwargs: pytest.fail("the scan ran again"))
+    # A budget of half the int8 growth: some nodes, not all, and the most sensitive ones first.
+    fp32_bytes = weight_bytes(anisotropic_dir)
+    half = (measured["int4_only_bytes"] + measured["int8_extra_bytes"] // 2) / fp32_bytes
+    mixed = export_onnx(anisotropic_dir, tmp_path / "mixed", "int4-gptq-mixed",
+                        calibration=dataclasses.replace(calibration, max_size=half))
+    record = json.loads((mixed / "dstune_onnx.json").read_text())["calibration"]
+    kept = record["int8_nodes"]
+    assert 0 < len(kept) < len(measured["int8_nodes"])
+    assert int8_nodes(mixed) == set(kept)
+    assert kept[0] == ranking[0] and record["sensitivity"] == measured["sensitivity"]
+    assert weight_bytes(mixed) <= half * fp32_bytes
+    assert sorted(record["gptq_nodes"]) == sorted(set(ranking) - set(kept))
+    assert json.loads((mixed / "dstune_onnx.json").read_text())["builder_options"].get("matmul_mixed_precision") is None
+    # The int8 nodes carry the fp32 weights to within half an int8 step, and the export computes with them:
+    # closer to fp32 than the same graph all in int4 (shared int4 embedding and head, as above).
+    weights = {n: p.weight.detach() for n, p in fp32.named_modules() if hasattr(p, "weight")}
+    for node, (codes, scales) in int8_weights(mixed, kept).items():
+        layer, linears = int(node.split("layers.")[1].split("/")[0]), NODE_LINEARS["/".join(node.split("/")[3:5])]
+        stacked = torch.cat([weights[f"model.layers.{layer}.{name}"] for name in linears]).numpy()
+        width = stacked.shape[1]
+        dequantized = ((codes.astype(np.float32) - 128) * scales[..., None]).reshape(len(codes), -1)[:, :width]
+        step = np.abs(scales).repeat(BLOCK, 1)[:, :width]
+        assert (np.abs(dequantized - stacked) <= step / 2 + 1e-7).all(), node
+    shared = with_int4_head(fp32)
+    gptq = export_onnx(anisotropic_dir, tmp_path / "int4-gptq", "int4-gptq", calibration=calibration)
+    errors = {f.name: ort_logits_error(f, shared, held_out[:4]) for f in (full, mixed, gptq)}
+    # Here: full (10 of 10 int8) 0.022, mixed (5 int8, GPTQ on the rest) 0.043, int4-gptq 0.058.
+    assert errors["full"] < errors["mixed"] < errors["int4-gptq"], errors
+
+
+def test_auto_quant_chooses_on_dev_and_scores_the_choice_on_test(run, anisotropic_dir, monkeypatch):
+    """onnx:int4 stands for a choice: every scheme is exported and scored on dev, the best passing one is kept,
+    and only that one is scored on test (choosing on test would flatter its test score)."""
+    from dstune.export import artifacts
+    from dstune.export.formats import ExportFormat
+    from dstune.models import loading
+
+    metric = run.eval.metrics[0]
+    dev = {"fp32": 0.5, "a": 0.40, "b": 0.495, "c": 0.492}  # a fails the 0.98 gate; b is the best that passes
+    test = {"fp32": 0.5, "a": 0.5, "b": 0.49, "c": 0.5}  # a and c would look better on test
+    exported, evaluated = [], []
+
+    def export(merged_dir, out_dir, quant, **kwargs):
+        exported.append(quant)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.onnx").write_bytes(b"x" * {"a": 10, "b": 20, "c": 30}[quant])
+        return out_dir
+
+    def evaluate(recipe, model, tokenizer, records, progress=None):
+        split = {r["id"].split("-")[0] for r in records}
+        assert len(split) == 1
+        evaluated.append((model, split.pop()))
+        score = (dev if evaluated[-1][1] == "dev" else test)[model]
+        return {"metrics": {metric: score}, "predictions": [{"got": str(score)}] * len(records),
+                "generated_tokens": 0}
+
+    fake = ExportFormat(name="fake", quants=("best", "a", "b", "c"), description="", export=export,
+                        load=lambda artifact, merged: (artifact.name.split("-")[1], None),
+                        auto={"best": ("a", "b", "c")})
+    monkeypatch.setattr(artifacts, "get_format", lambda name, quant: fake)
+    monkeypatch.setattr(artifacts, "evaluate_tiers", evaluate)
+    monkeypatch.setattr(artifacts, "write_eval", lambda result, path: None)
+    monkeypatch.setattr(loading, "load_model", lambda *args: "fp32")
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *args: None)
+    stale = run.run_dir / "exports" / "fake-a" / "dstune_export.json"  # an earlier export's record
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("{}")
+    record = artifacts.export_and_score(run, "fake:best", anisotropic_dir, {"metrics": {metric: 0.5},
+                                                                            "predictions": []})
+    assert exported == ["a", "b", "c"]
+    assert evaluated == [("fp32", "dev"), ("a", "dev"), ("b", "dev"), ("c", "dev"), ("b", "test")]
+    assert record["quant"] == "b" and record["requested"] == "best" and record["score"] == 0.49
+    assert record["retention"] == 0.98 and record["passed"]
+    selection = record["selection"]
+    assert selection["chosen"] == "b" and selection["split"] == "dev" and selection["any_passed"]
+    assert [(c["quant"], c["dev_retention"], c["passed"]) for c in selection["candidates"]] == [
+        ("a", 0.8, False), ("b", 0.99, True), ("c", 0.984, True)]
+    for folder in ("fake-b", "fake-best"):
+        assert json.loads((run.run_dir / "exports" / folder / "dstune_export.json").read_text())["quant"] == "b"
+    assert not stale.exists()  # a was rewritten and not scored on test: no record may describe it
+
+
+def test_onnxruntime_quantizers_rewrite_every_matmul(anisotropic_dir, fp32, held_out, tmp_path):
+    """onnxruntime's HQQ and k-quant rows: every MatMul becomes asymmetric 4-bit MatMulNBits (zero points given),
+    the embedding Gather stays fp32, and the graph runs in onnxruntime-genai."""
+    import onnx
+
+    plain = export_onnx(anisotropic_dir, tmp_path / "int4", "int4")
+    errors = {"int4": ort_logits_error(plain, fp32, held_out[:2])}
+    for quant in ("int4-ort-hqq", "int4-ort-kquant"):
+        folder = export_onnx(anisotropic_dir, tmp_path / quant, quant)
+        graph = onnx.load(folder / "model.onnx", load_external_data=False).graph
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1].endswith("weight")]
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 2 * 5 + 1  # two layers' qkv, o, gate, up, down, and the LM head
+        for node in nbits:
+            attributes = {a.name: a.i for a in node.attribute}
+            assert attributes["bits"] == 4 and attributes["block_size"] == 16 and len(node.input) >= 4 and node.input[3]
+        assert [n.op_type for n in graph.node if "Gather" in n.op_type and "embed" in n.name] == ["Gather"]
+        manifest = json.loads((folder / "dstune_onnx.json").read_text())
+        assert manifest["quantizer"]["algorithm"] == {"int4-ort-hqq": "hqq", "int4-ort-kquant": "k_quant"}[quant]
+        errors[quant] = ort_logits_error(folder, fp32, held_out[:2])
+    # With the fp32 embedding and zero points they are closer to fp32 than the builder's int4 (and larger).
+    assert errors["int4-ort-hqq"] < errors["int4"] and errors["int4-ort-kquant"] < errors["int4"], errors

@@ -126,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a deployable artifact of the merged model under runs/<name>/exports/, score "
                                    "it on the test split against the fp32 merged model (domain metrics, business "
                                    "checks), and exit with code 3 if it keeps less than export.min_retention of the "
-                                   "fp32 domain score. Formats: onnx (fp32, int8, int4, and int4-gptq, int4-awq, "
-                                   "int4-awq-gptq calibrated on export.calibration_samples train records), gguf (f32, "
-                                   "f16, q8_0, q4_0), torchao (int8, int8wo, ...). See docs/deploy.md.")
+                                   "fp32 domain score. Formats: onnx (fp32, int8, int4, int4-rtn, and int4-gptq, "
+                                   "int4-awq, int4-awq-gptq, int4-mixed, int4-gptq-mixed calibrated on "
+                                   "export.calibration_samples train records; int4 writes every int4 scheme and keeps "
+                                   "the best on the dev split), gguf (f32, f16, q8_0, q4_0), torchao (int8, int8wo, "
+                                   "...). See docs/deploy.md.")
     _add_recipe(p)
     p.add_argument("--format", default="onnx", help="onnx | gguf | torchao | a plugin's (default onnx)")
     p.add_argument("--quant", default="int8", help="the format's quantization, e.g. int8, int4, q8_0 (default int8)")
@@ -419,6 +421,11 @@ def dispatch(args) -> int:
         print(f"dstune: merged model saved to {out}")
     elif args.command == "export":
         record = api.export(recipe, spec=f"{args.format}:{args.quant}", model=args.model)
+        if record.get("selection"):
+            picked = record["selection"]
+            print(f"dstune: {record['format']}:{record['requested']} picked {record['quant']}, the best of "
+                  + ", ".join(f"{c['quant']} {c['dev_retention']:.3f}" for c in picked["candidates"])
+                  + f" (retention on the dev split; {'passing the gate' if picked['any_passed'] else 'none passed'})")
         print(f"dstune: {record['format']}:{record['quant']} written to {record['artifact']}: "
               f"{record['bytes'] / 1e6:.1f} MB ({100 * record['size_ratio']:.1f}% of fp32), {record['metric']} "
               f"{record['score']:.4f} vs fp32 {record['fp32_score']:.4f} (retention {record['retention']:.3f}, "

@@ -16,6 +16,7 @@ from ..data.build import load_split
 from ..evaluate.harness import write_eval
 from ..evaluate.tiers import evaluate_tiers
 from ..provenance import provenance
+from ..errors import InputError
 from .formats import get_format
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".gguf", ".onnx_data")
@@ -38,11 +39,18 @@ def scoring_recipe(recipe: Recipe) -> Recipe:
     return load_recipe(recipe.model_dump(), ["eval.general.enabled=false"])
 
 
-def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dict) -> dict:
-    """Write the `format:quant` export of a merged HF directory, score it, and return its record for the report."""
-    name, quant = spec.split(":")
-    fmt = get_format(name, quant)
-    out_dir = recipe.run_dir / "exports" / f"{name}-{quant}"
+def dev_records(recipe: Recipe) -> list[dict]:
+    """The dev records a scheme is chosen on (never the test split, which then scores the choice)."""
+    records = load_split(recipe.run_dir / "data", "dev")
+    return records[: recipe.eval.max_samples] if recipe.eval.max_samples is not None else records
+
+
+def _export(recipe: Recipe, fmt, quant: str, merged_dir: Path) -> tuple[Path, object, float]:
+    """Write one export: (artifact, the calibration it saw or None, seconds)."""
+    out_dir = recipe.run_dir / "exports" / f"{fmt.name}-{quant}"
+    # A record describes the artifact beside it: an earlier export's must not outlive its files (a scheme that
+    # --quant int4 writes but does not keep is scored on dev only and gets none).
+    (out_dir / "dstune_export.json").unlink(missing_ok=True)
     start = time.perf_counter()
     calibration = None
     if quant in fmt.calibrated:  # only these exports see data, and only the train split's
@@ -51,13 +59,36 @@ def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dic
 
         calibration = calibration_samples(recipe, load_tokenizer(Path(merged_dir)), recipe.export.calibration_samples)
     artifact = fmt.export(merged_dir, out_dir, quant, **({"calibration": calibration} if calibration else {}))
-    export_seconds = time.perf_counter() - start
+    return artifact, calibration, time.perf_counter() - start
+
+
+def _retention(score: float, fp32: float) -> float:
+    return score / fp32 if fp32 else (1.0 if score >= fp32 else 0.0)
+
+
+def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dict) -> dict:
+    """Write the `format:quant` export of a merged HF directory, score it, and return its record for the report.
+
+    A quant the format lists in `auto` (onnx:int4) is a choice among schemes: see select_scheme.
+    """
+    name, quant = spec.split(":")
+    fmt = get_format(name, quant)
+    if quant in fmt.auto:
+        return select_scheme(recipe, fmt, quant, merged_dir, reference)
+    return score_export(recipe, fmt, quant, merged_dir, reference, *_export(recipe, fmt, quant, merged_dir))
+
+
+def score_export(recipe: Recipe, fmt, quant: str, merged_dir: Path, reference: dict, artifact: Path, calibration,
+                 export_seconds: float, extra: dict | None = None) -> dict:
+    """Score a written export on the test split against the fp32 model, write its record, and return it."""
+    name, spec = fmt.name, f"{fmt.name}:{quant}"
+    out_dir = recipe.run_dir / "exports" / f"{name}-{quant}"
     model, tokenizer = fmt.load(artifact, merged_dir)
     result = evaluate_tiers(scoring_recipe(recipe), model, tokenizer, test_records(recipe), progress=f"eval {spec}")
     write_eval(result, recipe.run_dir / "eval" / f"export-{name}-{quant}.json")
     primary = recipe.eval.metrics[0]
     score, fp32 = result["metrics"][primary], reference["metrics"][primary]
-    retention = score / fp32 if fp32 else (1.0 if score >= fp32 else 0.0)
+    retention = _retention(score, fp32)
     same = [p["got"] for p in result["predictions"]] == [p["got"] for p in reference["predictions"]]
     agreement = (sum(a["got"] == b["got"] for a, b in zip(result["predictions"], reference["predictions"]))
                  / max(len(result["predictions"]), 1)) if len(result["predictions"]) == len(reference["predictions"]) \
@@ -76,11 +107,54 @@ def export_and_score(recipe: Recipe, spec: str, merged_dir: Path, reference: dic
         "eval_tokens_per_second": result.get("tokens_per_second") if result["generated_tokens"] else None,
         "cached_answers": result.get("cached", 0), "export_seconds": round(export_seconds, 2),
         "min_retention": recipe.export.min_retention, "passed": retention >= recipe.export.min_retention,
-        "calibration": calibration.manifest() if calibration else None,
+        "calibration": calibration.manifest() if calibration else None, **(extra or {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     # The report lists the records under its own provenance; the folder's file carries it for the folder alone.
     (out_dir / "dstune_export.json").write_text(json.dumps({**record, "provenance": provenance(recipe)}, indent=2))
+    return record
+
+
+def select_scheme(recipe: Recipe, fmt, alias: str, merged_dir: Path, reference: dict) -> dict:
+    """Export every scheme `alias` stands for, keep the best one on the dev split, and score that one on test.
+
+    Best: the highest dev retention among the schemes that pass export.min_retention on dev (the first listed wins
+    a tie), else the highest dev retention. Choosing on the test split would make the test score of the choice an
+    optimistic one. The record is the chosen scheme's, with `requested` and the dev `selection` table, and is also
+    written to exports/<format>-<alias>/ for tools that look there.
+    """
+    from ..models.loading import load_model, load_tokenizer
+
+    records = dev_records(recipe)
+    if not records:
+        raise InputError(f"{recipe.run_dir / 'data'}: no dev split to choose {fmt.name}:{alias}'s scheme on")
+    primary, scoring = recipe.eval.metrics[0], scoring_recipe(recipe)
+    fp32_model = load_model(str(merged_dir), recipe.model.dtype, recipe.model.trust_remote_code, False)
+    tokenizer = load_tokenizer(Path(merged_dir), recipe.model.trust_remote_code)
+    fp32 = evaluate_tiers(scoring, fp32_model, tokenizer, records, progress="eval fp32 (dev)")["metrics"][primary]
+    del fp32_model
+    candidates, written = [], {}
+    fp32_bytes = weight_bytes(merged_dir)
+    for quant in fmt.auto[alias]:
+        artifact, calibration, seconds = _export(recipe, fmt, quant, merged_dir)
+        model, tokenizer = fmt.load(artifact, merged_dir)
+        score = evaluate_tiers(scoring, model, tokenizer, records,
+                               progress=f"eval {fmt.name}:{quant} (dev)")["metrics"][primary]
+        del model
+        retention = _retention(score, fp32)
+        candidates.append({"quant": quant, "dev_score": score, "dev_retention": round(retention, 4),
+                           "passed": retention >= recipe.export.min_retention, "bytes": weight_bytes(artifact),
+                           "size_ratio": round(weight_bytes(artifact) / fp32_bytes, 4) if fp32_bytes else None})
+        written[quant] = artifact, calibration, seconds
+    pool = [c for c in candidates if c["passed"]] or candidates
+    chosen = max(pool, key=lambda c: c["dev_retention"])  # max keeps the first of equals
+    selection = {"split": "dev", "records": len(records), "fp32_dev_score": fp32, "chosen": chosen["quant"],
+                 "any_passed": any(c["passed"] for c in candidates), "candidates": candidates}
+    record = score_export(recipe, fmt, chosen["quant"], merged_dir, reference, *written[chosen["quant"]],
+                          extra={"requested": alias, "selection": selection})
+    alias_dir = recipe.run_dir / "exports" / f"{fmt.name}-{alias}"
+    alias_dir.mkdir(parents=True, exist_ok=True)
+    (alias_dir / "dstune_export.json").write_text(json.dumps({**record, "provenance": provenance(recipe)}, indent=2))
     return record
 
 

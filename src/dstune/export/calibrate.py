@@ -24,21 +24,35 @@ CALIBRATION_SPLIT = "train"
 
 @dataclass(frozen=True)
 class Calibration:
-    """Token sequences ([1, length] each) to calibrate on, and the ids of the records they came from."""
+    """Token sequences ([1, length] each) to calibrate on, the ids of the records they came from, and their training
+    labels ([1, length], IGNORE_INDEX where training takes no loss) for scans that measure the training loss."""
 
     samples: list[torch.Tensor]
     ids: list[str]
     split: str = CALIBRATION_SPLIT
+    labels: list[torch.Tensor] = field(default_factory=list)
+    # The share of the fp32 weight bytes a mixed-precision export may fill (export.int4_max_size), and how many of
+    # the samples its sensitivity scan uses (export.sensitivity_samples).
+    max_size: float | None = None
+    scan_samples: int | None = None
 
     def manifest(self) -> dict:
         """What an export records about its calibration data: split, counts and a hash of the record ids."""
         digest = hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
-        return {"split": self.split, "samples": len(self.samples),
+        return {"split": self.split, "samples": len(self.samples), "max_size": self.max_size,
+                "scan_samples": self.scan_samples,
                 "tokens": sum(int(s.numel()) for s in self.samples), "ids_sha256": digest}
+
+    def spread(self, n: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Up to n of the samples (all when n is None), spread evenly over them, and their labels."""
+        step = max(len(self.samples) / n, 1.0) if n else 1.0
+        rows = sorted({int(i * step) for i in range(min(n or len(self.samples), len(self.samples)))})
+        return [self.samples[i] for i in rows], [self.labels[i] for i in rows] if self.labels else []
 
 
 def calibration_samples(recipe, tokenizer, n: int) -> Calibration:
-    """Up to `n` records of the recipe's train split, spread evenly over it, encoded as training encodes them."""
+    """Up to `n` records of the recipe's train split, spread evenly over it, encoded as training encodes them (with
+    the recipe's export.int4_max_size and export.sensitivity_samples for mixed-precision exports)."""
     records = load_split(recipe.run_dir / "data", CALIBRATION_SPLIT)
     if not records:
         raise InputError(f"{recipe.run_dir / 'data'}: no train split to calibrate on; run `dstune data` first")
@@ -47,7 +61,10 @@ def calibration_samples(recipe, tokenizer, n: int) -> Calibration:
     template = get_template(recipe.model.template, tokenizer)
     max_length = recipe.data.max_length
     encoded = [encode_record(tokenizer, template, r, max_length) for r in chosen]
-    return Calibration([torch.tensor([e.input_ids]) for e in encoded if e.input_ids], [str(r["id"]) for r in chosen])
+    kept = [(e, r) for e, r in zip(encoded, chosen) if e.input_ids]
+    return Calibration([torch.tensor([e.input_ids]) for e, _ in kept], [str(r["id"]) for _, r in kept],
+                       labels=[torch.tensor([e.labels]) for e, _ in kept], max_size=recipe.export.int4_max_size,
+                       scan_samples=recipe.export.sensitivity_samples)
 
 
 @dataclass

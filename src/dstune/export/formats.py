@@ -11,7 +11,7 @@ Runtime GenAI wrapper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +32,9 @@ class ExportFormat:
     # (artifact, merged HF directory it came from) -> (model, tokenizer) for the evaluation harness
     load: Callable[[Path, Path], tuple[object, object]]
     calibrated: tuple[str, ...] = ()
+    # A quant that stands for a choice among others (e.g. onnx's "int4": its calibrated and plain schemes): `dstune
+    # export` writes them all, keeps the best on the dev split, and scores that one (export.artifacts.select_scheme)
+    auto: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 EXPORT_FORMATS = EXPORTS  # the registry's name before formats became plugins

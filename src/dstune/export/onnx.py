@@ -26,6 +26,12 @@ exact match against the fp32 model's 0.760, 300 descriptions; greedy decode toke
   calibrated on the recipe's train split: same bytes and layout. On the demo's tuned model: retention 0.973 (gptq),
   0.892 (awq) and 0.955 (awq-gptq) against round-to-nearest's 0.883; decode 8.3x HF fp32 for gptq and 7.7x for
   int4 in one bench/decode.py --quick run (docs/deploy.md).
+- int4-mixed, int4-gptq-mixed: every decoder matmul int4 except the most loss-sensitive ones, int8 within
+  export.int4_max_size of fp32's bytes (dstune.export.sensitivity), RTN or GPTQ on the rest.
+- int4-rtn: the builder's int4 above. int4 itself, through `dstune export` or export.formats, writes every int4
+  scheme and keeps the best on the dev split (export.artifacts.select_scheme); called directly it is int4-rtn.
+- int4-ort-hqq, int4-ort-kquant: onnxruntime's own quantizer on the fp32 graph (dstune.export.onnx_ort), for
+  comparison: asymmetric, fp32 embedding, larger.
 """
 
 from __future__ import annotations
@@ -49,8 +55,16 @@ from .formats import ExportFormat
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # Calibrated int4 (dstune.export.onnx_calibrated): the int4 graph, with these steps around the builder.
-CALIBRATED = {"int4-gptq": ("gptq",), "int4-awq": ("awq",), "int4-awq-gptq": ("awq", "gptq")}
-QUANTS = ("fp32", "int8", "int4", *CALIBRATED)
+# "mixed": the builder writes every decoder matmul in int4, and the most loss-sensitive ones become int8 within
+# export.int4_max_size (dstune.export.sensitivity) instead of the builder's fixed llama.cpp layers.
+CALIBRATED = {"int4-gptq": ("gptq",), "int4-awq": ("awq",), "int4-awq-gptq": ("awq", "gptq"),
+              "int4-mixed": ("mixed",), "int4-gptq-mixed": ("mixed", "gptq")}
+# int4 through `dstune export` / export.formats is a choice (AUTO): every int4 scheme is written, the best on the dev
+# split is kept. Called directly, export_onnx(..., "int4") writes the builder's round-to-nearest, as int4-rtn does.
+AUTO = {"int4": ("int4-gptq-mixed", "int4-gptq", "int4-awq-gptq", "int4-mixed", "int4-awq", "int4-rtn")}
+# onnxruntime's own int4 algorithms on the builder's fp32 graph (dstune.export.onnx_ort), measured for comparison.
+ORT_QUANTS = ("int4-ort-hqq", "int4-ort-kquant")
+QUANTS = ("fp32", "int8", "int4", "int4-rtn", *CALIBRATED, *ORT_QUANTS)
 # The int4 MatMulNBits block along the input dimension, which QAT emulates by default (dstune.train.qat).
 INT4_BLOCK_SIZE = 16
 # The builder's --extra_options per precision; numbers in the module docstring.
@@ -63,8 +77,20 @@ BUILDER_OPTIONS = {
 
 
 def builder_precision(quant: str) -> str:
-    """The builder's precision (a key of BUILDER_OPTIONS) of a quant: a calibrated int4 is built as int4."""
-    return "int4" if quant in CALIBRATED else quant
+    """The builder's precision (a key of BUILDER_OPTIONS) of a quant: a calibrated int4 is built as int4, and
+    onnxruntime's own int4 algorithms start from fp32."""
+    if quant in ORT_QUANTS:
+        return "fp32"
+    return "int4" if quant in CALIBRATED or quant == "int4-rtn" else quant
+
+
+def builder_options(quant: str) -> dict[str, str]:
+    """The builder's extra options for a quant: its precision's, without the fixed int8 layers when dstune places
+    them by measured sensitivity."""
+    options = dict(BUILDER_OPTIONS[builder_precision(quant)])
+    if "mixed" in CALIBRATED.get(quant, ()):
+        del options["matmul_mixed_precision"]
+    return options
 
 
 def _check_architecture(merged_dir: Path) -> None:
@@ -101,7 +127,7 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str, calibration=None) -
 
     merged_dir, out_dir = Path(merged_dir).resolve(), Path(out_dir).resolve()
     _check_architecture(merged_dir)
-    calibrated = None
+    calibrated = quantizer = None
     if quant in CALIBRATED:
         if calibration is None:
             raise InputError(f"onnx:{quant} is calibrated and needs calibration samples (dstune export passes the "
@@ -112,11 +138,18 @@ def export_onnx(merged_dir: Path, out_dir: Path, quant: str, calibration=None) -
                                        lambda source: _build(source, out_dir, quant))
     else:
         _build(merged_dir, out_dir, quant)
+    if quant in ORT_QUANTS:
+        from .onnx_ort import ort_quantize
+
+        bar = tqdm(total=1, desc=f"quantizing onnx:{quant}", unit=" model", disable=None)
+        with (out_dir / "quantizer.log").open("w") as log, bar:
+            quantizer = ort_quantize(out_dir, quant, log)
+            bar.update()
     embedding = quantize_embedding(out_dir, int(BUILDER_OPTIONS[quant]["block_size"])) if quant == "int8" else None
     (out_dir / "dstune_onnx.json").write_text(json.dumps({
-        "embedding": embedding, "calibration": calibrated,
+        "embedding": embedding, "calibration": calibrated, "quantizer": quantizer,
         "format": "onnx", "quant": quant, "source": str(merged_dir), "execution_provider": "cpu",
-        "builder_options": BUILDER_OPTIONS[builder_precision(quant)],
+        "builder_options": builder_options(quant),
         "onnxruntime_genai": onnxruntime_genai.__version__,
     }, indent=2))
     return out_dir
@@ -133,7 +166,7 @@ def _build(merged_dir: Path, out_dir: Path, quant: str) -> None:
         raise DstuneError(f"ONNX export needs {exc.name!r}, which onnxruntime-genai's model builder imports "
                           f"(pip install {(exc.name or 'onnx-ir').replace('_', '-')})") from exc
     precision = builder_precision(quant)
-    options = {**BUILDER_OPTIONS[precision], "hf_token": "false", "hf_remote": "false"}
+    options = {**builder_options(quant), "hf_token": "false", "hf_remote": "false"}
     out_dir.mkdir(parents=True, exist_ok=True)
     # Offline mode turns any hub request the builder might make into an error instead of a download.
     offline = mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -373,7 +406,7 @@ def load_onnx(artifact: Path, merged_dir: Path):
 
 
 EXPORTS.register("onnx", ExportFormat(
-    name="onnx", quants=QUANTS, export=export_onnx, load=load_onnx, calibrated=tuple(CALIBRATED),
+    name="onnx", quants=QUANTS, export=export_onnx, load=load_onnx, calibrated=tuple(CALIBRATED), auto=AUTO,
     description="ONNX Runtime GenAI (model builder): KV-cache decoder for CPU, fp32 or block-wise int8/int4 "
-                "(int4 also calibrated: GPTQ, AWQ)",
+                "(int4: the best on dev of round-to-nearest, GPTQ, AWQ and sensitivity-placed int8 layers)",
 ))
