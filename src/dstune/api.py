@@ -1,4 +1,4 @@
-"""The Python API: one function per CLI command (`dstune run|data|train|eval|curve|merge|export|chat`)."""
+"""The Python API: one function per CLI command (`dstune run|data|train|eval|curve|merge|export|prune|chat`)."""
 
 from __future__ import annotations
 
@@ -343,6 +343,58 @@ def curve(recipe, overrides: list[str] | None = None, sizes: str | None = None, 
     check_recipe(recipe)
     report = run_curve(recipe, size_list, method_list, per, tuple(chosen), min_steps, k)
     return {**report, "table": curve_table(report), "path": str(recipe.run_dir / "curve" / "curve.md")}
+
+
+def prune(recipe, overrides: list[str] | None = None, model: str | Path | None = None,
+          out_dir: str | Path | None = None) -> dict:
+    """Structured pruning of the merged model (default runs/<name>/merged) by the recipe's `prune` ratios, scored on
+    train-split records; saves a plain HF directory (default runs/<name>/pruned) and returns its manifest."""
+    import torch
+    from transformers import AutoConfig
+
+    from .compress.prune import Importance, apply_plan, make_plan, parameters, score
+    from .export.calibrate import calibration_samples
+    from .provenance import provenance
+
+    recipe = _recipe(recipe, overrides)
+    settings = recipe.prune
+    if not (settings.heads or settings.mlp or settings.layers):
+        raise InputError("prune: nothing to remove; set prune.heads, prune.mlp or prune.layers (shares, e.g. 0.25)")
+    source = Path(model or recipe.run_dir / "merged")
+    if not (source / "config.json").is_file():
+        raise InputError(f"{source}: no merged model; run `dstune merge` (or `dstune run`) first, or give --model")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
+    layers = getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_attention_heads", 0)
+    if not layers or not heads:
+        raise InputError(f"{source}: prune needs a decoder config with num_hidden_layers and num_attention_heads")
+    ratios = {"heads": settings.heads, "mlp": settings.mlp, "layers": settings.layers, "head_mode": settings.head_mode}
+    # The ratios against the config's shapes, before any model loads (neutral scores).
+    make_plan(config, Importance([torch.zeros(heads)] * layers, [torch.zeros(config.intermediate_size)] * layers,
+                                 [0.0] * layers), **ratios)
+    if not (recipe.run_dir / "data" / "train.jsonl").is_file():
+        build_dataset(recipe)
+    loaded = load_model(str(source), "float32", recipe.model.trust_remote_code, False)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+    calibration = calibration_samples(recipe, tokenizer, settings.calibration_samples)
+    before = parameters(loaded)
+    importance = score(loaded, calibration.samples)
+    plan = make_plan(loaded.config, importance, **ratios)
+    apply_plan(loaded, plan)
+    out = Path(out_dir or recipe.run_dir / "pruned")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    after = parameters(loaded)
+    manifest = {
+        "source": str(source), "out": str(out), **ratios, "parameters": after, "source_parameters": before,
+        "parameter_ratio": round(after / before, 4), "importance": "activation (heads, MLP channels), "
+        "block influence (layers)", "calibration": calibration.manifest(), "plan": plan.to_dict(),
+        "scores": {"block_influence": [round(i, 6) for i in importance.influence]},
+        "provenance": provenance(recipe),
+    }
+    (out / "dstune_prune.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def merged_reference(recipe: Recipe, merged_dir: Path) -> dict:

@@ -344,6 +344,22 @@ class ExportConfig(StrictModel):
         return value
 
 
+class PruneConfig(StrictModel):
+    """Structured pruning (`dstune prune`) of the merged model: the share of each part to remove, by importance
+    measured on train-split records (dstune.compress.prune). Counts are uniform across layers."""
+
+    # Query heads to remove: per KV group ("queries": every group keeps its KV head and loses the same number), or
+    # whole KV groups with their query heads ("groups").
+    heads: float = Field(0.0, ge=0.0, lt=1.0)
+    head_mode: Literal["queries", "groups"] = "queries"
+    # MLP intermediate channels to remove, in every layer.
+    mlp: float = Field(0.0, ge=0.0, lt=1.0)
+    # Whole decoder layers to remove, those of least block influence.
+    layers: float = Field(0.0, ge=0.0, lt=1.0)
+    # Train-split records the importance is measured on.
+    calibration_samples: int = Field(64, ge=1)
+
+
 class Recipe(StrictModel):
     """A whole recipe: the stage configs side by side."""
 
@@ -355,6 +371,7 @@ class Recipe(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    prune: PruneConfig = PruneConfig()
 
     @model_validator(mode="after")
     def _check_registries(self) -> Recipe:

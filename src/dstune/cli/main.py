@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--adapter", help="adapter folder (default: runs/<name>/adapter)")
     p.add_argument("--out", help="output directory (default: runs/<name>/merged)")
+    p = sub.add_parser("prune", help="structured pruning of the merged model: heads, MLP channels, layers",
+                       description="Remove the recipe's shares of attention heads (GQA-aware: query heads in equal "
+                                   "numbers per KV group, or whole groups), MLP channels and whole layers, chosen by "
+                                   "importance measured on train-split records, and save a plain HF directory "
+                                   "(runs/<name>/pruned) whose config states the new shapes. Set prune.heads, "
+                                   "prune.mlp, prune.layers (e.g. `dstune prune r.yaml prune.mlp=0.25 "
+                                   "prune.layers=0.25`). See docs/compress.md.")
+    _add_recipe(p)
+    p.add_argument("--model", help="the model directory to prune (default: runs/<name>/merged)")
+    p.add_argument("--out", help="output directory (default: runs/<name>/pruned)")
     p = sub.add_parser("export", help="export the merged model (ONNX, GGUF, torchao), score it and gate it",
                        description="Write a deployable artifact of the merged model under runs/<name>/exports/, score "
                                    "it on the test split against the fp32 merged model (domain metrics, business "
@@ -419,6 +429,10 @@ def dispatch(args) -> int:
     elif args.command == "merge":
         out = api.merge(recipe, adapter=args.adapter, out_dir=args.out)
         print(f"dstune: merged model saved to {out}")
+    elif args.command == "prune":
+        done = api.prune(recipe, model=args.model, out_dir=args.out)
+        print(f"dstune: pruned model saved to {done['out']}: {done['parameters'] / 1e6:.1f}M parameters, "
+              f"{100 * done['parameter_ratio']:.1f}% of {done['source_parameters'] / 1e6:.1f}M")
     elif args.command == "export":
         record = api.export(recipe, spec=f"{args.format}:{args.quant}", model=args.model)
         if record.get("selection"):

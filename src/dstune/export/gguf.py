@@ -161,6 +161,9 @@ def _add_hparams(writer, config, arch: str, quant: str) -> None:
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:  # e.g. after head pruning (dstune prune)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if arch == "llama":
         writer.add_vocab_size(config.vocab_size)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}

@@ -1,0 +1,1 @@
+"""Smaller models from the tuned one: structured pruning (dstune prune)."""
