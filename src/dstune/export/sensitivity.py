@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.tokenize import IGNORE_INDEX
-from ..train.logit_cache import topk_kl
+from ..train.logit_cache import pad_batch, topk_kl
 from ..train.qat import fake_quantize_int4
 from .calibrate import LayerInputs, decoder_layers, first_layer_inputs, run_layer
 
@@ -47,13 +47,7 @@ def padded_batches(samples: list[torch.Tensor], labels: list[torch.Tensor] | Non
     for start in range(0, len(samples), size):
         ids = [s[0] for s in samples[start:start + size]]
         tags = [t[0] for t in labels[start:start + size]] if labels else ids
-        width = max(len(i) for i in ids)
-        batch = torch.zeros(len(ids), width, dtype=torch.long)
-        target = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (i, t) in enumerate(zip(ids, tags)):
-            batch[row, :len(i)] = i
-            target[row, :len(t)] = t
-        batches.append((batch, target))
+        batches.append((pad_batch(ids, 0)["input_ids"], pad_batch(tags, IGNORE_INDEX)["input_ids"]))
     return batches
 
 

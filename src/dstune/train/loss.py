@@ -42,21 +42,31 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # d/dlogits of the summed CE: softmax - one_hot, built in place in the logits buffer.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                dlogits = probs.to(h.dtype)
-                if want_hidden:
-                    torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
-                if want_weight:
-                    grad_weight.addmm_(dlogits.t().float(), h.float())
+                accumulate_head_gradients(probs.to(h.dtype), h, weight, grad_hidden, grad_weight, start)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None
+        return (*scaled_head_gradients(ctx, grad_total), None, None)
+
+
+def accumulate_head_gradients(dlogits, h, weight, grad_hidden, grad_weight, start: int) -> None:
+    """A chunk's share of a chunked LM-head loss's gradients, from d loss / d logits of its rows `h` (from `start`):
+    its rows of grad_hidden, and its sum into grad_weight (either may be None: not wanted)."""
+    if grad_hidden is not None:
+        torch.mm(dlogits, weight, out=grad_hidden[start:start + len(h)])
+    if grad_weight is not None:
+        grad_weight.addmm_(dlogits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+
+
+def scaled_head_gradients(ctx, grad_total):
+    """The backward of a chunked LM-head loss whose forward saved its gradients: them times the incoming one."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+    grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+    return grad_h, grad_w
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -94,8 +104,16 @@ def supervised_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, (targets != IGNORE_INDEX).sum()
+    rows, targets = supervised_hidden(model, batch)
+    return linear_cross_entropy(rows, head.weight, targets), torch.tensor(len(targets), device=targets.device)
+
+
+def supervised_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states [rows, d] at the positions whose next token is supervised, and those tokens, from a
+    forward pass that runs no LM head (plain-head models: see output_head)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
     keep_none = torch.empty(0, dtype=torch.long, device=labels.device)
     hidden = model(**inputs, logits_to_keep=keep_none, output_hidden_states=True).hidden_states[-1]
     supervised = labels[:, 1:] != IGNORE_INDEX
-    loss_sum = linear_cross_entropy(hidden[:, :-1][supervised], head.weight, labels[:, 1:][supervised])
-    return loss_sum, supervised.sum()
+    return hidden[:, :-1][supervised], labels[:, 1:][supervised]

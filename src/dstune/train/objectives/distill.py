@@ -22,10 +22,10 @@ import torch
 from pydantic import Field
 
 from ...config import StrictModel
-from ...data.tokenize import IGNORE_INDEX
 from ...errors import InputError
 from ...plugins import OBJECTIVES
-from ..loss import CHUNK_BYTES, linear_cross_entropy, output_head
+from ..loss import (CHUNK_BYTES, accumulate_head_gradients, linear_cross_entropy, output_head,
+                    scaled_head_gradients, supervised_hidden)
 from .base import LossOutput, Objective
 
 
@@ -60,20 +60,14 @@ class LinearKD(torch.autograd.Function):
             total += temperature ** 2 * (p * (teacher - student)).sum()
             if want_hidden or want_weight:
                 dlogits = (temperature * (student.exp() - p)).to(h.dtype)
-                if want_hidden:
-                    torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
-                if want_weight:
-                    grad_weight.addmm_(dlogits.t().to(precision), h.to(precision))
+                accumulate_head_gradients(dlogits, h, weight, grad_hidden, grad_weight, start)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return (*scaled_head_gradients(ctx, grad_total), None, None, None, None)
 
 
 def linear_kd(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -130,20 +124,14 @@ class Distill(Objective):
                              "hidden state), as Llama, Qwen2/3 and DeepSeek have")
 
     def loss(self, model, batch):
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
-        supervised = labels[:, 1:] != IGNORE_INDEX
-        keep_none = torch.empty(0, dtype=torch.long, device=labels.device)
-        hidden = model(**inputs, logits_to_keep=keep_none, output_hidden_states=True).hidden_states[-1]
-        rows = hidden[:, :-1][supervised]
+        rows, targets = supervised_hidden(model, batch)
         head = output_head(model)
-        ce = linear_cross_entropy(rows, head.weight, labels[:, 1:][supervised])
+        ce = linear_cross_entropy(rows, head.weight, targets)
         if not model.training or self.config.alpha == 0:  # the dev loss is the task's own
             return LossOutput(ce)
         with torch.no_grad():
-            taught = self.teacher(**inputs, logits_to_keep=keep_none, output_hidden_states=True).hidden_states[-1]
-        kd = linear_kd(rows, head.weight, taught[:, :-1][supervised], self.teacher_head.weight,
-                       self.config.temperature)
+            taught, _ = supervised_hidden(self.teacher, batch)
+        kd = linear_kd(rows, head.weight, taught, self.teacher_head.weight, self.config.temperature)
         alpha = self.config.alpha
         return LossOutput((1 - alpha) * ce + alpha * kd, {"ce": ce.detach(), "kd": kd.detach()})
 
